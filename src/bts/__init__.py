@@ -1,0 +1,13 @@
+"""bts — Branch-Train-Stitch: one seed LM and its domain experts stitched into a single generalist.
+
+Importing bts registers the "bts" model type with transformers' Auto classes, so a saved stitched model loads
+with `AutoModelForCausalLM.from_pretrained(dir)` — no trust_remote_code.
+"""
+
+from bts.config import BTSConfig
+from bts.errors import BTSError
+from bts.model import BTSForCausalLM
+from bts.stitch import StitchLayer
+
+__all__ = ["BTSConfig", "BTSError", "BTSForCausalLM", "StitchLayer"]
+__version__ = "0.1.0"

@@ -1,0 +1,263 @@
+"""`BTSForCausalLM`: a frozen hub and n frozen experts run in lockstep, joined by trainable stitch layers.
+
+    model = BTSForCausalLM.from_members("seed/", ["code/", "math/"], num_stitches=4)
+    model.save_pretrained("stitched/")            # stitch weights + a manifest of the members, nothing else
+    model = AutoModelForCausalLM.from_pretrained("stitched/")   # after `import bts`; checks member hashes
+
+Every member embeds the tokens with its own table and runs its own decoder blocks; after the chosen blocks a
+stitch layer (bts.stitch) mixes the residual streams. The output is the hub's final norm and LM head applied to
+the stitched hub stream. One transformers `DynamicCache` holds every member's keys and values: member m's layer i
+uses slot m·L + i, so `generate()`, beam search and cache cropping work unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from bts import hf
+from bts.atomic import atomic_save_safetensors, atomic_write_json
+from bts.config import BTSConfig
+from bts.errors import BTSError
+from bts.members import Member, check_compatible, freeze, load_causal_lm, weights_sha256
+from bts.stitch import E2H, EXPERT_STREAMS, INITS, StitchLayer, stitch_kinds, stitch_positions
+
+STITCH_WEIGHTS = "stitch.safetensors"
+
+
+class BTSForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = BTSConfig
+    base_model_prefix = "bts"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: BTSConfig, hub: nn.Module | None = None, experts: list[nn.Module] | None = None):
+        super().__init__(config)
+        base = config.base_config
+        d, n = base.hidden_size, config.num_experts
+        self.stitches = nn.ModuleList(
+            StitchLayer(d, n, kind, init=config.stitch_init, beta=config.stitch_beta,
+                        gate_dropout=config.gate_dropout, expert_stream=config.expert_stream)
+            for kind in config.stitch_kinds
+        )
+        self.post_init()  # before the members are attached: HF's weight init must never touch loaded members
+        if hub is None:  # built from a config alone (tests, meta-device planning): random members
+            hub = AutoModelForCausalLM.from_config(base)
+            experts = [AutoModelForCausalLM.from_config(base) for _ in range(n)]
+        self.hub = freeze(hub)
+        # Experts keep only their decoder: their LM heads are never used.
+        self.experts = nn.ModuleList(freeze(hf.decoder_of(e)) for e in experts)
+        self._expert_models = list(experts)  # full models, kept only to write them out (plain list: not a submodule)
+        for m, expert in enumerate(self.experts):
+            hf.assign_cache_slots(expert, (m + 1) * base.num_hidden_layers)
+        self.stitches.float()
+
+    def to(self, *args, **kwargs):
+        """Moves devices freely but keeps stitch parameters in fp32 and members in their own dtype."""
+        dtype = kwargs.pop("dtype", None) or next((a for a in args if isinstance(a, torch.dtype)), None)
+        args = tuple(a for a in args if not isinstance(a, torch.dtype))
+        super().to(*args, **kwargs)
+        if dtype is not None:
+            for member in self.members():
+                member.to(dtype)
+        self.stitches.float()
+        return self
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_members(cls, hub, experts, *, names: list[str] | None = None, hub_name: str = "hub",
+                     num_stitches: int = 4, positions: list[int] | None = None, all_e2h: bool = False,
+                     init: str = "blend", beta: float = 8.0, gate_dropout: float = 0.0,
+                     expert_stream: str = "projected", dtype: torch.dtype | None = None) -> "BTSForCausalLM":
+        """Build a stitched model. hub / each expert: a model directory, a cached hub id, or a loaded model."""
+        experts = list(experts) if isinstance(experts, (list, tuple)) else [experts]
+        if not experts:
+            raise BTSError("experts: at least one expert is needed (n = 0 given).")
+        if names is not None and len(names) != len(experts):
+            raise BTSError(f"names: {len(names)} names given for {len(experts)} experts.")
+        if init not in INITS:
+            raise BTSError(f"init must be one of {', '.join(INITS)} (got '{init}').")
+        if expert_stream not in EXPERT_STREAMS:
+            raise BTSError(f"expert_stream must be one of {', '.join(EXPERT_STREAMS)} (got '{expert_stream}').")
+        if not 0.0 <= gate_dropout < 1.0:
+            raise BTSError(f"gate_dropout must be in [0, 1) (got {gate_dropout}).")
+        hub_model, hub_dir = load_causal_lm(hub, "hub", dtype)
+        members = [Member(hub_name, hub_model, hub_dir)]
+        for i, spec in enumerate(experts):
+            default = Path(str(spec)).name if not isinstance(spec, nn.Module) else f"expert{i + 1}"
+            model, path = load_causal_lm(spec, f"expert {i + 1}", dtype)
+            members.append(Member(names[i] if names else default, model, path))
+        check_compatible(members[0], members[1:])
+        base = hub_model.config
+        num_layers = base.num_hidden_layers
+        if positions is None:
+            if not 1 <= num_stitches <= num_layers:
+                raise BTSError(f"num_stitches must be between 1 and the {num_layers} layers (got {num_stitches}).")
+            positions = stitch_positions(num_layers, num_stitches)
+        positions = [int(p) for p in positions]
+        if not positions or any(not 1 <= p <= num_layers for p in positions) or positions != sorted(set(positions)):
+            raise BTSError(f"positions must be increasing block numbers in 1..{num_layers} (got {positions}).")
+        config = BTSConfig(
+            base_config=base.to_dict(), num_experts=len(experts), expert_names=[m.name for m in members[1:]],
+            stitch_positions=positions, stitch_kinds=stitch_kinds(len(positions), all_e2h), stitch_init=init,
+            stitch_beta=beta, gate_dropout=gate_dropout, expert_stream=expert_stream,
+            members=[{"name": m.name, "path": m.path, "sha256": weights_sha256(m.path) if m.path else None}
+                     for m in members],
+            bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id,
+        )
+        config._attn_implementation = hub_model.config._attn_implementation
+        return cls(config, hub=hub_model, experts=[m.model for m in members[1:]])
+
+    def _init_weights(self, module):
+        if isinstance(module, StitchLayer):
+            module.reset_parameters()
+
+    def members(self) -> list[nn.Module]:
+        return [self.hub, *self.experts]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for member in self.members():
+            member.eval()  # frozen members never run dropout
+        return self
+
+    def stitch_parameters(self) -> list[nn.Parameter]:
+        return list(self.stitches.parameters())
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, return_gates: bool = False, **kwargs):
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("BTSForCausalLM needs input_ids: every member embeds the tokens with its own table.")
+        cache = hf.cache_from_kwargs(kwargs)
+        if use_cache and cache is None:
+            cache = hf.new_cache(self.config)
+        hub = hf.decoder_of(self.hub)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + past
+        states = [hub.embed_tokens(input_ids)] + [e.embed_tokens(input_ids) for e in self.experts]
+        masks = hf.build_masks(self.hub.config, states[0], attention_mask, cache, position_ids)
+        rope = hf.rotary(hub, states[0], position_ids)
+        types = hf.layer_types(self.hub.config)
+        kinds, positions = self.config.stitch_kinds, self.config.stitch_positions
+        last_e2h = max(p for p, k in zip(positions, kinds) if k == E2H) if E2H in kinds else 0
+        stitch_after = dict(zip(positions, self.stitches))
+        gates = []
+        layer_kwargs = dict(position_embeddings=rope, position_ids=position_ids, cache=cache, use_cache=use_cache)
+        for i in range(len(hub.layers)):
+            mask = masks[types[i]]
+            # Expert blocks after the last E→H cannot reach the output: skip them (and their cache).
+            runners = [hub] + (list(self.experts) if i < last_e2h else [])
+            for m, member in enumerate(runners):
+                states[m] = hf.call_layer(member.layers[i], states[m], mask=mask, **layer_kwargs)
+            stitch = stitch_after.get(i + 1)
+            if stitch is not None:
+                dtype = states[0].dtype
+                h0, experts = states[0].float(), torch.stack(states[1:]).float()
+                if return_gates:
+                    gates.append(stitch.gate_values(h0).detach())
+                h0, experts = stitch(h0, experts)
+                states = [h0.to(dtype)] + [e.to(dtype) for e in experts.unbind(0)]
+        hidden = hub.norm(states[0])
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.hub.lm_head(hidden).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        out = hf.causal_lm_output(loss, logits, cache)
+        if return_gates:
+            out["gates"] = gates  # per stitch layer: [B, T, n+1, d]
+        return out
+
+    @torch.no_grad()
+    def gate_values(self, input_ids, attention_mask=None) -> list[torch.Tensor]:
+        """Every stitch layer's gates for a batch: a list (one per stitch) of [B, T, n+1, d] tensors."""
+        return self(input_ids=input_ids, attention_mask=attention_mask, return_gates=True)["gates"]
+
+    # ---- saving and loading -------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, export_members: bool = False, **_ignored):
+        """Write the stitch weights and a manifest of the members. Members are referenced by path and hash;
+        with export_members=True (or for members that only exist in memory) they are copied into the folder so
+        that it is self-contained."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        member_models = [self.hub, *self._expert_models]
+        manifest = []
+        for spec, model in zip(self.config.members, member_models):
+            spec = dict(spec)
+            if export_members or not spec["path"]:
+                target = out / "members" / spec["name"]
+                if spec["path"] and Path(spec["path"]).resolve() != target.resolve():
+                    _copy_model_dir(Path(spec["path"]), target)
+                elif not spec["path"]:
+                    model.save_pretrained(target)
+                spec["path"] = f"members/{spec['name']}"
+                spec["sha256"] = weights_sha256(target)
+            manifest.append(spec)
+        config = self.config.__class__.from_dict(self.config.to_dict())
+        config.members = manifest
+        config.architectures = [type(self).__name__]
+        atomic_save_safetensors(out / STITCH_WEIGHTS, self.stitches.state_dict(), metadata={"format": "pt"})
+        config.save_pretrained(out)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(out)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
+        """Load a stitched model saved by `save_pretrained`: re-attach each member (refusing any whose weights
+        changed since), then load the stitch weights."""
+        folder = Path(pretrained_model_name_or_path)
+        if not (folder / "config.json").exists():
+            raise BTSError(f"'{folder}' is not a saved bts model (no config.json).")
+        if not (folder / STITCH_WEIGHTS).exists():
+            raise BTSError(f"'{folder}' has no {STITCH_WEIGHTS}; it is not a saved bts model.")
+        config = config if isinstance(config, BTSConfig) else BTSConfig.from_pretrained(folder)
+        models = []
+        for spec in config.members:
+            path = Path(spec["path"])
+            path = path if path.is_absolute() else folder / path
+            if not path.is_dir():
+                raise BTSError(f"member '{spec['name']}' was saved from '{path}', which no longer exists.")
+            found = weights_sha256(path)
+            if spec.get("sha256") and found != spec["sha256"]:
+                raise BTSError(f"member '{spec['name']}' at '{path}' has changed since the stitched model was saved "
+                               f"(weights sha256 {found[:12]}… != recorded {spec['sha256'][:12]}…).")
+            models.append(load_causal_lm(str(path), f"member '{spec['name']}'", dtype)[0])
+        config._attn_implementation = models[0].config._attn_implementation
+        model = cls(config, hub=models[0], experts=models[1:])
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(folder / STITCH_WEIGHTS)
+        except Exception as exc:
+            raise BTSError(f"'{folder / STITCH_WEIGHTS}' is corrupt or truncated ({exc}).") from None
+        missing, unexpected = model.stitches.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BTSError(f"'{folder / STITCH_WEIGHTS}' does not match the config "
+                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}).")
+        model.stitches.float()
+        gen = folder / "generation_config.json"
+        if gen.exists():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.eval()
+        return model
+
+
+def _copy_model_dir(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+AutoConfig.register("bts", BTSConfig)
+AutoModelForCausalLM.register(BTSConfig, BTSForCausalLM)

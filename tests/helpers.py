@@ -1,0 +1,53 @@
+"""Tiny members built locally from configs (no hub access): a seed and experts perturbed away from it."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+VOCAB = 97
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common.update(overrides)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    if arch == "qwen2":
+        common.setdefault("tie_word_embeddings", True)
+        return Qwen2Config(**common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="sdpa")
+    return model.eval()
+
+
+def tiny_members(arch: str = "llama", n: int = 2, noise: float = 0.05, **overrides):
+    """A seed and n experts branched from it (seed weights + noise), like real continued-pretraining experts."""
+    hub = tiny_model(arch, seed=0, **overrides)
+    experts = []
+    for i in range(n):
+        expert = tiny_model(arch, seed=0, **overrides)
+        gen = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=gen) * p.std().clamp_min(1e-3))
+        experts.append(expert)
+    return hub, experts
+
+
+def save_members(tmp_path, arch="llama", n=2, **overrides):
+    hub, experts = tiny_members(arch, n, **overrides)
+    hub.save_pretrained(tmp_path / "hub")
+    paths = []
+    for i, e in enumerate(experts):
+        e.save_pretrained(tmp_path / f"e{i}")
+        paths.append(str(tmp_path / f"e{i}"))
+    return str(tmp_path / "hub"), paths
