@@ -1,0 +1,5 @@
+import sys
+
+from bts.cli import main
+
+sys.exit(main())

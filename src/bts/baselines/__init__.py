@@ -1,0 +1,1 @@
+"""Baselines of the BTS paper: weight merges, BTX mixture-of-experts, BTM ensemble, sequence routing."""

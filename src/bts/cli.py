@@ -1,0 +1,44 @@
+"""The `bts` command line: a thin layer over the Python API.
+
+Each subcommand lives in its own module under `bts.commands` and defines HELP, add_arguments(parser) and
+run(args) -> int. User errors (BTSError) print one line and exit 2; nothing else is caught, so bugs keep their
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import bts.commands
+from bts.errors import BTSError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bts", description="Branch-Train-Stitch: stitch domain experts into one LM.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(bts.commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"bts.commands.{info.name}")
+        name = getattr(module, "NAME", info.name.replace("_", "-"))
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except BTSError as exc:
+        print(f"bts: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bts: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
