@@ -1,0 +1,256 @@
+"""Recipes: one typed dataclass tree, loaded from YAML, checked on load, overridable with dotted `key=value`.
+
+    recipe = load_recipe("demo", overrides=["stitch.train.steps=200"])
+
+A recipe is data: values are parsed with yaml.safe_load, never evaluated. Unknown keys, wrong types and invalid
+values are refused with one sentence naming the dotted key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bts.errors import BTSError
+
+
+@dataclass
+class TrainConfig:
+    """One training phase (seed pretraining, an expert, the stitches, a trained baseline)."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    warmup: int = 10  # steps of linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    batch_size: int = 8  # sequences per optimizer step (split into micro-batches by grad_accum)
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient-norm clipping; 0 disables it
+    dtype: str = "float32"  # autocast dtype of the forward: float32 | bfloat16
+    log_every: int = 10
+    ckpt_every: int = 50
+
+
+@dataclass
+class DomainSpec:
+    """Where a domain's text comes from: a built-in corpus, committed fixtures, local files or an HF dataset."""
+
+    source: str = "builtin"  # builtin | fixture | files | hf
+    files: list = field(default_factory=list)  # for source=files: paths or globs (txt, jsonl, parquet)
+    dataset: str = ""  # for source=hf: dataset name
+    config: str = ""
+    split: str = "train"
+    text_field: str = "text"
+    group_field: str = ""  # documents sharing a group never straddle train/held-out
+    max_chars: int = 2_000_000
+
+
+@dataclass
+class DataConfig:
+    domains: dict = field(default_factory=dict)  # name -> DomainSpec
+    seq_len: int = 128
+    split_fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train / val / held-out, by group
+    eval_tokens: int = 32768  # held-out tokens scored per domain (0 = all)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    train_chars: int = 3_000_000  # characters of the training mix used to learn the BPE merges
+
+
+@dataclass
+class SeedConfig:
+    path: str = ""  # an HF dir or cached hub id; empty: pretrain a tiny Llama from scratch
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ExpertsConfig:
+    domains: list = field(default_factory=list)  # empty: one expert per data domain
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class StitchConfig:
+    num_stitches: int = 4
+    positions: list = field(default_factory=list)  # 1-indexed blocks; empty: evenly spaced
+    all_e2h: bool = False
+    init: str = "blend"
+    beta: float = 8.0
+    gate_dropout: float = 0.0
+    expert_stream: str = "projected"
+    general_weight: float = 0.55  # share of the mix drawn from the general (seed-pretraining) data
+    domain_weights: dict = field(default_factory=dict)  # domain -> weight of the rest; empty: equal
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class BaselinesConfig:
+    methods: list = field(default_factory=list)  # e.g. soup, task_arithmetic, ties, dare, btx_top2, btm, routing
+    task_arithmetic_lambda: float = 1.0
+    ties_density: float = 0.5
+    dare_drop_rate: float = 0.5
+    btx_train: TrainConfig = field(default_factory=TrainConfig)
+    btx_trainable: str = "all"  # all | router
+    routing_train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    seed: int = 0
+    run_dir: str = ""  # empty: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seed_model: SeedConfig = field(default_factory=SeedConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    stitch: StitchConfig = field(default_factory=StitchConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+
+    @property
+    def expert_domains(self) -> list[str]:
+        return list(self.experts.domains) or list(self.data.domains)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+def _build(cls, raw: Any, where: str):
+    """Build dataclass `cls` from a plain dict, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise BTSError(f"{where or 'recipe'} must be a mapping (got {type(raw).__name__} {raw!r}).")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise BTSError(f"unknown recipe key '{dotted}'{hint}.")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, where: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, where)
+    if where.endswith("data.domains"):
+        if not isinstance(value, dict):
+            raise BTSError(f"{where} must map domain names to sources (got {value!r}).")
+        return {str(k): _build(DomainSpec, v or {}, f"{where}.{k}") for k, v in value.items()}
+    expected = {int: int, float: (int, float), str: str, bool: bool, list: list, dict: dict}.get(hint)
+    if expected is None:
+        return value
+    if hint is int and isinstance(value, bool) or hint is float and isinstance(value, bool):
+        raise BTSError(f"{where} must be a number (got {value!r}).")
+    if not isinstance(value, expected):
+        raise BTSError(f"{where} must be of type {hint.__name__} (got {value!r}).")
+    return float(value) if hint is float else value
+
+
+def _check(recipe: Recipe) -> None:
+    def positive(value, where):
+        if value <= 0:
+            raise BTSError(f"{where} must be positive (got {value}).")
+
+    phases = {"seed_model.train": recipe.seed_model.train, "experts.train": recipe.experts.train,
+              "stitch.train": recipe.stitch.train, "baselines.btx_train": recipe.baselines.btx_train,
+              "baselines.routing_train": recipe.baselines.routing_train}
+    for where, t in phases.items():
+        for name in ("steps", "lr", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+            positive(getattr(t, name), f"{where}.{name}")
+        if t.warmup < 0:
+            raise BTSError(f"{where}.warmup must be ≥ 0 (got {t.warmup}).")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise BTSError(f"{where}.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio}).")
+        if t.batch_size % t.grad_accum:
+            raise BTSError(f"{where}.batch_size ({t.batch_size}) must be a multiple of grad_accum ({t.grad_accum}).")
+        if t.dtype not in ("float32", "bfloat16"):
+            raise BTSError(f"{where}.dtype must be float32 or bfloat16 (got '{t.dtype}').")
+    if not recipe.data.domains:
+        raise BTSError("data.domains is empty: a recipe needs at least one domain.")
+    for name, spec in recipe.data.domains.items():
+        if spec.source not in ("builtin", "fixture", "files", "hf"):
+            raise BTSError(f"data.domains.{name}.source must be builtin, fixture, files or hf (got '{spec.source}').")
+        if spec.source == "files" and not spec.files:
+            raise BTSError(f"data.domains.{name}.files is empty but source is 'files'.")
+        if spec.source == "hf" and not spec.dataset:
+            raise BTSError(f"data.domains.{name}.dataset is empty but source is 'hf'.")
+    for d in recipe.experts.domains:
+        if d not in recipe.data.domains:
+            raise BTSError(f"experts.domains names '{d}', which is not in data.domains ({', '.join(recipe.data.domains)}).")
+    positive(recipe.data.seq_len, "data.seq_len")
+    fr = recipe.data.split_fractions
+    if len(fr) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in fr) or fr[0] <= 0 or fr[2] <= 0:
+        raise BTSError(f"data.split_fractions must be three non-negative numbers with train and held-out > 0 (got {fr}).")
+    positive(recipe.tokenizer.vocab_size, "tokenizer.vocab_size")
+    s = recipe.stitch
+    if not 0 <= s.general_weight < 1:
+        raise BTSError(f"stitch.general_weight must be in [0, 1) (got {s.general_weight}).")
+    for d, w in s.domain_weights.items():
+        if d not in recipe.data.domains:
+            raise BTSError(f"stitch.domain_weights names '{d}', which is not in data.domains.")
+        if not isinstance(w, (int, float)) or w <= 0:
+            raise BTSError(f"stitch.domain_weights.{d} must be positive (got {w}).")
+    if not 0 <= s.gate_dropout < 1:
+        raise BTSError(f"stitch.gate_dropout must be in [0, 1) (got {s.gate_dropout}).")
+    positive(s.num_stitches, "stitch.num_stitches")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise BTSError(f"override '{item}' must look like key.sub=value.")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BTSError(f"override '{item}': '{part}' is not a section.")
+    node[parts[-1]] = value
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("bts.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
+    """A recipe by built-in name (demo, smoke, …) or YAML path, with dotted overrides applied, checked."""
+    path = Path(name_or_path)
+    if not path.suffix and name_or_path in builtin_recipes():
+        text = resources.files("bts.recipes").joinpath(f"{name_or_path}.yaml").read_text()
+    elif path.is_file():
+        text = path.read_text()
+    else:
+        raise BTSError(f"recipe '{name_or_path}' is neither a YAML file nor a built-in recipe "
+                       f"({', '.join(builtin_recipes())}).")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise BTSError(f"recipe '{name_or_path}' is not valid YAML ({str(exc).splitlines()[0]}).") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    recipe = _build(Recipe, raw, "")
+    _check(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
