@@ -1,0 +1,23 @@
+"""`bts report RUN_DIR`: (re)write the report of a finished run from its files."""
+
+from pathlib import Path
+
+from bts.errors import BTSError
+from bts.pipeline import Run
+from bts.recipe import load_recipe
+
+HELP = "rewrite report.md / report.html and the plots of a finished run"
+
+
+def add_arguments(p):
+    p.add_argument("run_dir")
+
+
+def run(args):
+    root = Path(args.run_dir)
+    if not (root / "results.json").exists():
+        raise BTSError(f"'{root}' has no results.json; run the evaluate stage first.")
+    runner = Run(load_recipe(str(root / "recipe.yaml")), root)
+    runner.report()
+    print(root / "report" / "report.md")
+    return 0

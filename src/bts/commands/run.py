@@ -1,0 +1,30 @@
+"""`bts run RECIPE [key=value ...]`: run the pipeline of a recipe (a YAML file or a built-in name)."""
+
+from bts.pipeline import STAGES, Run
+from bts.recipe import builtin_recipes, load_recipe
+
+HELP = "run a recipe's pipeline: data → seed → experts → stitch → baselines → evaluate → report"
+
+
+def add_arguments(p):
+    p.add_argument("recipe", help=f"a recipe YAML file or a built-in recipe ({', '.join(builtin_recipes())})")
+    add_run_arguments(p)
+
+
+def add_run_arguments(p):
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. stitch.train.steps=200")
+    p.add_argument("--run-dir", help="output directory (default: runs/<recipe name>)")
+    p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(STAGES)}, expert:<domain>")
+
+
+def run(args, recipe_name=None):
+    recipe = load_recipe(recipe_name or args.recipe, args.overrides)
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    runner = Run(recipe, args.run_dir)
+    results = runner.all(stages)
+    if results:
+        from bts.report import markdown_table, results_table
+
+        print(markdown_table(*results_table(results)))
+        print(f"\nreport: {runner.root / 'report' / 'report.md'}")
+    return 0

@@ -1,0 +1,409 @@
+"""The Branch-Train-Stitch pipeline as stages over one run directory.
+
+    run = Run(load_recipe("demo"))
+    run.all()                      # data → tokenizer → seed → experts → stitch → baselines → evaluate → report
+
+Each stage writes its outputs under the run directory and, when complete, a marker stages/<stage>.json; running
+again skips finished stages and resumes an interrupted training stage from its last checkpoint. Expert stages are
+independent of each other (`bts run RECIPE --stages expert:code` on one machine, expert:math on another).
+
+Layout of a run directory:
+    recipe.yaml, env.json                 resolved recipe, package versions, git commit
+    data/<domain>/{train,val,heldout}.jsonl, provenance.json
+    tokenizer/                            (when no seed model is given)
+    models/seed, models/expert-<domain>, models/bts, models/<baseline>
+    train/<phase>/metrics.jsonl, ckpt/    per training phase
+    eval/<method>.json, results.json, report/{report.md, report.html, *.png}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+from bts import corpora
+from bts.atomic import atomic_write_json, atomic_write_text
+from bts.data import Batcher, eval_windows, heldout_loss, interleave, tokenize_stream
+from bts.errors import BTSError
+from bts.recipe import Recipe, recipe_to_dict
+from bts.train import train
+
+STAGES = ("data", "tokenizer", "seed", "experts", "stitch", "baselines", "evaluate", "report")
+
+
+def log(msg: str) -> None:
+    print(f"bts: {msg}", file=sys.stderr, flush=True)
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Run:
+    def __init__(self, recipe: Recipe, run_dir: str | os.PathLike | None = None):
+        self.recipe = recipe
+        self.root = Path(run_dir or recipe.run_dir or Path("runs") / recipe.name)
+        self.domains = list(recipe.data.domains)
+        self._tokenizer = None
+        self._streams: dict = {}
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------------
+    def path(self, *parts) -> Path:
+        return self.root.joinpath(*parts)
+
+    def done(self, stage: str) -> dict | None:
+        marker = self.path("stages", f"{stage.replace(':', '-')}.json")
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    @contextmanager
+    def stage(self, stage: str):
+        """Run a stage body unless it finished before; record its wall time when it completes."""
+        info = {"stage": stage}
+        t0 = time.perf_counter()
+        log(f"stage {stage} …")
+        yield info
+        info["wall_s"] = round(time.perf_counter() - t0, 2)
+        atomic_write_json(self.path("stages", f"{stage.replace(':', '-')}.json"), info)
+        log(f"stage {stage} done in {info['wall_s']:.0f}s")
+
+    @contextmanager
+    def lock(self):
+        """One process per run directory: a second one refuses instead of interleaving writes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = self.path("run.lock")
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = lock.read_text().strip() or "?"
+            if pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # left by a crashed run
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            else:
+                raise BTSError(f"run directory '{self.root}' is in use by process {pid} (remove {lock} if it is not).")
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def write_manifest(self) -> None:
+        atomic_write_text(self.path("recipe.yaml"), yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False))
+        versions = {}
+        for pkg in ("bts", "torch", "transformers", "tokenizers", "safetensors", "datasets"):
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                    cwd=Path(__file__).parent).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+        atomic_write_json(self.path("env.json"), {"versions": versions, "git_commit": commit,
+                                                  "python": platform.python_version(), "threads": torch.get_num_threads()})
+
+    # ---- stages -----------------------------------------------------------------------------------------------
+    def all(self, only: list[str] | None = None) -> dict | None:
+        """Run the stages (all, or `only`: names from STAGES plus expert:<domain>) in order."""
+        wanted = set(only or STAGES)
+        unknown = wanted - set(STAGES) - {f"expert:{d}" for d in self.recipe.expert_domains}
+        if unknown:
+            raise BTSError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)} and expert:<domain>.")
+        with self.lock():
+            self.write_manifest()
+            t0 = time.perf_counter()
+            for stage in STAGES:
+                if stage == "experts":
+                    for d in self.recipe.expert_domains:
+                        if "experts" in wanted or f"expert:{d}" in wanted:
+                            self.expert(d)
+                elif stage in wanted:
+                    getattr(self, stage)()
+            log(f"finished in {time.perf_counter() - t0:.0f}s; run directory: {self.root}")
+        results = self.path("results.json")
+        return json.loads(results.read_text()) if results.exists() else None
+
+    def data(self) -> None:
+        if self.done("data"):
+            return
+        with self.stage("data") as info:
+            fractions = tuple(self.recipe.data.split_fractions)
+            for name, spec in self.recipe.data.domains.items():
+                docs = corpora.load_domain(name, spec)
+                splits = corpora.split_by_group(docs, fractions=fractions, seed=self.recipe.seed)
+                for split, items in splits.items():
+                    corpora.write_jsonl(self.path("data", name, f"{split}.jsonl"), items)
+                atomic_write_json(self.path("data", name, "provenance.json"), corpora.provenance(name, spec))
+                info[name] = {split: len(items) for split, items in splits.items()}
+
+    def texts(self, domain: str, split: str) -> list[str]:
+        return [d["text"] for d in corpora.read_jsonl(self.path("data", domain, f"{split}.jsonl"))]
+
+    def tokenizer(self):
+        if self._tokenizer is not None:
+            return self._tokenizer
+        from transformers import AutoTokenizer
+
+        seed_path = self.recipe.seed_model.path
+        if seed_path:
+            from bts.members import resolve_dir
+
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_dir(seed_path, "seed_model.path"))
+            return self._tokenizer
+        folder = self.path("tokenizer")
+        if not self.done("tokenizer"):
+            from bts.tokenizer import train_bpe
+
+            with self.stage("tokenizer") as info:
+                budget = self.recipe.tokenizer.train_chars // max(1, len(self.domains))
+                texts = []
+                for d in self.domains:
+                    taken = 0
+                    for t in self.texts(d, "train"):
+                        texts.append(t[: budget - taken])
+                        taken += len(texts[-1])
+                        if taken >= budget:
+                            break
+                tok = train_bpe(texts, self.recipe.tokenizer.vocab_size)
+                tok.save_pretrained(folder)
+                info["vocab_size"] = len(tok)
+        self._tokenizer = AutoTokenizer.from_pretrained(folder)
+        return self._tokenizer
+
+    def stream(self, domain: str, split: str) -> torch.Tensor:
+        key = (domain, split)
+        if key not in self._streams:
+            cache = self.path("data", domain, f"{split}.tokens.pt")
+            if cache.exists():
+                self._streams[key] = torch.load(cache, weights_only=True)
+            else:
+                stream = tokenize_stream(self.tokenizer(), self.texts(domain, split))
+                if len(stream) == 0:
+                    raise BTSError(f"domain '{domain}' has an empty {split} split.")
+                tmp = cache.with_suffix(".tmp")
+                torch.save(stream, tmp)
+                os.replace(tmp, cache)
+                self._streams[key] = stream
+        return self._streams[key]
+
+    def batcher(self, weights: dict, cfg, salt: int) -> Batcher:
+        streams = {d: self.stream(d, "train") for d in weights}
+        return Batcher(streams, weights, self.recipe.data.seq_len, cfg.batch_size, cfg.grad_accum,
+                       seed=self.recipe.seed * 7919 + salt)
+
+    def seed(self) -> None:
+        out = self.path("models", "seed")
+        if self.done("seed"):
+            return
+        with self.stage("seed") as info:
+            rs = self.recipe.seed_model
+            tok = self.tokenizer()
+            if rs.path:  # a given pretrained seed: copy it in as it is
+                from bts.members import load_causal_lm
+
+                model, _ = load_causal_lm(rs.path, "seed_model.path")
+                model.save_pretrained(out)
+                tok.save_pretrained(out)
+                info.update(trained=False, params=count_params(model))
+                return
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            torch.manual_seed(self.recipe.seed)
+            config = LlamaConfig(vocab_size=len(tok), hidden_size=rs.hidden_size, num_hidden_layers=rs.num_layers,
+                                 num_attention_heads=rs.num_heads, num_key_value_heads=rs.num_kv_heads,
+                                 intermediate_size=rs.intermediate_size,
+                                 max_position_embeddings=max(512, self.recipe.data.seq_len),
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+            model = LlamaForCausalLM(config)
+            trainable = dict(model.named_parameters())
+            batches = self.batcher({d: 1.0 for d in self.domains}, rs.train, salt=1)
+            result = train(model, trainable, batches, rs.train, self.path("train", "seed"), desc="seed",
+                           seed=self.recipe.seed)
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            info.update(trained=True, params=count_params(model), tokens=result.tokens, train_wall_s=result.wall_s,
+                        final_loss=result.final_loss)
+
+    def expert(self, domain: str) -> None:
+        stage = f"expert:{domain}"
+        if self.done(stage):
+            return
+        if not self.done("seed"):
+            raise BTSError(f"stage {stage} needs the seed model; run the seed stage first.")
+        from transformers import AutoModelForCausalLM
+
+        with self.stage(stage) as info:
+            cfg = self.recipe.experts.train
+            model = AutoModelForCausalLM.from_pretrained(self.path("models", "seed"), dtype=torch.float32)
+            trainable = dict(model.named_parameters())
+            salt = 100 + self.domains.index(domain)
+            result = train(model, trainable, self.batcher({domain: 1.0}, cfg, salt), cfg,
+                           self.path("train", f"expert-{domain}"), desc=f"expert:{domain}", seed=self.recipe.seed)
+            out = self.path("models", f"expert-{domain}")
+            model.save_pretrained(out)
+            self.tokenizer().save_pretrained(out)
+            info.update(tokens=result.tokens, train_wall_s=result.wall_s, final_loss=result.final_loss,
+                        params=count_params(model))
+
+    def stitch_mix(self) -> dict:
+        """The stitch datamix: general_weight of the seed's general mix (all domains equally) plus the rest split
+        across the expert domains (equally, or by stitch.domain_weights)."""
+        s = self.recipe.stitch
+        experts = self.recipe.expert_domains
+        dw = {d: float(s.domain_weights.get(d, 1.0)) for d in experts} if s.domain_weights else {d: 1.0 for d in experts}
+        total = sum(dw.values())
+        mix = {d: s.general_weight / len(self.domains) for d in self.domains}
+        for d, w in dw.items():
+            mix[d] += (1 - s.general_weight) * w / total
+        return mix
+
+    def build_stitched(self):
+        from bts.model import BTSForCausalLM
+
+        s = self.recipe.stitch
+        experts = self.recipe.expert_domains
+        return BTSForCausalLM.from_members(
+            str(self.path("models", "seed")), [str(self.path("models", f"expert-{d}")) for d in experts],
+            names=experts, hub_name="seed", num_stitches=s.num_stitches, positions=s.positions or None,
+            all_e2h=s.all_e2h, init=s.init, beta=s.beta, gate_dropout=s.gate_dropout, expert_stream=s.expert_stream)
+
+    def stitch(self) -> None:
+        if self.done("stitch"):
+            return
+        with self.stage("stitch") as info:
+            cfg = self.recipe.stitch.train
+            model = self.build_stitched()
+            trainable = {f"stitches.{k}": p for k, p in model.stitches.named_parameters()}
+            mix = self.stitch_mix()
+            probe = self.mixed_heldout(max_tokens=2 * self.recipe.data.seq_len)
+
+            def gate_stats():
+                return {"gates": gate_summary(model, probe)}
+
+            result = train(model, trainable, self.batcher(mix, cfg, salt=7), cfg, self.path("train", "stitch"),
+                           desc="stitch", seed=self.recipe.seed, metrics_fn=gate_stats)
+            model.save_pretrained(self.path("models", "bts"))
+            self.tokenizer().save_pretrained(self.path("models", "bts"))
+            info.update(tokens=result.tokens, train_wall_s=result.wall_s, final_loss=result.final_loss,
+                        trainable_params=sum(p.numel() for p in trainable.values()), mix=mix)
+
+    def baselines(self) -> None:
+        from bts import baseline_stage
+
+        baseline_stage.run_baselines(self)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def mixed_heldout(self, max_tokens: int | None = None) -> torch.Tensor:
+        """Held-out text that switches domain every half window (scored as 'mixed')."""
+        seq = self.recipe.data.seq_len
+        budget = max_tokens or self.recipe.data.eval_tokens or 1 << 30
+        return interleave([self.stream(d, "heldout") for d in self.domains], seq // 2, budget)
+
+    def methods(self) -> dict:
+        """Every evaluated method: name -> (loader, accounting info). Loaders build the model on demand."""
+        from bts.baseline_stage import baseline_methods
+
+        methods = {"seed": (lambda: _load_hf(self.path("models", "seed")), self._info("seed"))}
+        for d in self.recipe.expert_domains:
+            methods[f"expert:{d}"] = (lambda d=d: _load_hf(self.path("models", f"expert-{d}")), self._info(f"expert:{d}"))
+        if self.done("stitch"):
+            methods["bts"] = (lambda: _load_bts(self.path("models", "bts")), self._info("stitch"))
+        methods.update(baseline_methods(self))
+        return methods
+
+    def _info(self, stage: str) -> dict:
+        return self.done(stage) or {}
+
+    def evaluate(self) -> None:
+        if self.done("evaluate"):
+            return
+        with self.stage("evaluate"):
+            seq, budget = self.recipe.data.seq_len, self.recipe.data.eval_tokens
+            windows = {d: eval_windows(self.stream(d, "heldout"), seq, budget) for d in self.domains}
+            mixed = eval_windows(self.mixed_heldout(), seq)
+            results = {"schema": "bts.results/1", "recipe": self.recipe.name, "domains": self.domains,
+                       "expert_domains": self.recipe.expert_domains, "seq_len": seq, "methods": {}}
+            for name, (load, stage_info) in self.methods().items():
+                cached = self.path("eval", f"{name.replace(':', '-')}.json")
+                if cached.exists():
+                    results["methods"][name] = json.loads(cached.read_text())
+                    continue
+                t0 = time.perf_counter()
+                model, accounting = load()
+                losses = {d: heldout_loss(model, w) for d, w in windows.items()}
+                entry = {"heldout_loss": losses, "avg_heldout_loss": sum(losses.values()) / len(losses),
+                         "mixed_heldout_loss": heldout_loss(model, mixed), **accounting}
+                for key in ("tokens", "train_wall_s"):
+                    if key in stage_info:
+                        entry["train_" + key if key == "tokens" else key] = stage_info[key]
+                entry["eval_wall_s"] = round(time.perf_counter() - t0, 2)
+                atomic_write_json(cached, entry)
+                results["methods"][name] = entry
+                log(f"  {name:<22} avg held-out loss {entry['avg_heldout_loss']:.4f}")
+                del model
+            atomic_write_json(self.path("results.json"), results)
+
+    def report(self) -> None:
+        from bts.report import write_report
+
+        with self.stage("report"):
+            write_report(self)
+
+
+# ---- model loaders with parameter accounting ------------------------------------------------------------------
+def _load_hf(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    n = count_params(model)
+    return model, {"trainable_params": n, "total_params": n, "active_params": n}
+
+
+def _load_bts(path):
+    from bts.model import BTSForCausalLM
+
+    model = BTSForCausalLM.from_pretrained(path).eval()
+    stitch = sum(p.numel() for p in model.stitch_parameters())
+    total = count_params(model)
+    return model, {"trainable_params": stitch, "total_params": total, "active_params": total}
+
+
+@torch.no_grad()
+def gate_summary(model, ids: torch.Tensor) -> list[dict]:
+    """Mean gate per member for every stitch layer on a probe (E→H: softmax mass; H→E: sigmoid openness),
+    plus the blend strength tanh(a) when the blend init is used."""
+    was_training = model.training
+    model.eval()
+    gates = model.gate_values(ids.view(1, -1) if ids.dim() == 1 else ids)
+    names = ["hub"] + list(model.config.expert_names)
+    out = []
+    for stitch, g in zip(model.stitches, gates):
+        mean = g.mean(dim=(0, 1, 3)).tolist()  # over batch, tokens, channels -> per member
+        row = {"kind": stitch.kind, **{n: round(v, 4) for n, v in zip(names, mean)}}
+        if stitch.blend is not None:
+            row["blend"] = round(torch.tanh(stitch.blend).abs().mean().item(), 4)
+        out.append(row)
+    model.train(was_training)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
