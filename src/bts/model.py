@@ -186,6 +186,12 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         """Write the stitch weights and a manifest of the members. Members are referenced by path and hash;
         with export_members=True (or for members that only exist in memory) they are copied into the folder so
         that it is self-contained."""
+        if export_members:  # check before writing anything: an export must carry the weights trained against
+            for spec in self.config.members:
+                if spec["path"] and (not Path(spec["path"]).is_dir()
+                                     or (spec.get("sha256") and weights_sha256(spec["path"]) != spec["sha256"])):
+                    raise BTSError(f"member '{spec['name']}' at '{spec['path']}' is missing or has changed since it "
+                                   "was loaded, so it cannot be exported.")
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         member_models = [self.hub, *self._expert_models]
@@ -200,6 +206,8 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
                     model.save_pretrained(target)
                 spec["path"] = f"members/{spec['name']}"
                 spec["sha256"] = weights_sha256(target)
+            elif Path(spec["path"]).resolve().is_relative_to(out.resolve()):  # keep a saved folder relocatable
+                spec["path"] = Path(spec["path"]).resolve().relative_to(out.resolve()).as_posix()
             manifest.append(spec)
         config = self.config.__class__.from_dict(self.config.to_dict())
         config.members = manifest
@@ -219,10 +227,12 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         if not (folder / STITCH_WEIGHTS).exists():
             raise BTSError(f"'{folder}' has no {STITCH_WEIGHTS}; it is not a saved bts model.")
         config = config if isinstance(config, BTSConfig) else BTSConfig.from_pretrained(folder)
-        models = []
+        models, resolved = [], []
         for spec in config.members:
             path = Path(spec["path"])
             path = path if path.is_absolute() else folder / path
+            # Keep where the member really is, so a later save elsewhere does not point at a relative path.
+            resolved.append({**spec, "path": str(path.resolve())})
             if not path.is_dir():
                 raise BTSError(f"member '{spec['name']}' was saved from '{path}', which no longer exists.")
             found = weights_sha256(path)
@@ -230,6 +240,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
                 raise BTSError(f"member '{spec['name']}' at '{path}' has changed since the stitched model was saved "
                                f"(weights sha256 {found[:12]}… != recorded {spec['sha256'][:12]}…).")
             models.append(load_causal_lm(str(path), f"member '{spec['name']}'", dtype)[0])
+        config.members = resolved
         config._attn_implementation = models[0].config._attn_implementation
         model = cls(config, hub=models[0], experts=models[1:])
         from safetensors.torch import load_file
