@@ -262,6 +262,12 @@ def test_tampered_member_and_truncated_stitches_are_refused(tmp_path):
     hub_dir, expert_dirs = save_members(tmp_path, "llama", 2)
     model = BTSForCausalLM.from_members(hub_dir, expert_dirs)
     model.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "trunc")
+    stitch = tmp_path / "trunc" / "stitch.safetensors"
+    stitch.write_bytes(stitch.read_bytes()[:-100])
+    with pytest.raises(BTSError, match="stitch.safetensors"):
+        BTSForCausalLM.from_pretrained(tmp_path / "trunc")
+
     weights = f"{expert_dirs[1]}/model.safetensors"
     state = load_file(weights)
     key = next(iter(state))
@@ -270,12 +276,21 @@ def test_tampered_member_and_truncated_stitches_are_refused(tmp_path):
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(BTSError, match="member 'e1'"):
         BTSForCausalLM.from_pretrained(tmp_path / "out")
+    # Exporting would copy weights the stitches were never trained with: refused before anything is written.
+    with pytest.raises(BTSError, match="member 'e1'"):
+        model.save_pretrained(tmp_path / "export", export_members=True)
+    assert not (tmp_path / "export").exists()
 
-    model.save_pretrained(tmp_path / "out2", export_members=True)  # exports the (now tampered) current files
-    stitch = tmp_path / "out2" / "stitch.safetensors"
-    stitch.write_bytes(stitch.read_bytes()[:-100])
-    with pytest.raises(BTSError, match="stitch.safetensors"):
-        BTSForCausalLM.from_pretrained(tmp_path / "out2")
+
+def test_reloaded_export_can_be_saved_again_and_moved(tmp_path):
+    hub_dir, expert_dirs = save_members(tmp_path / "src", "llama", 2)
+    model = _open(BTSForCausalLM.from_members(hub_dir, expert_dirs).eval())
+    model.save_pretrained(tmp_path / "export", export_members=True)
+    loaded = BTSForCausalLM.from_pretrained(tmp_path / "export")
+    loaded.save_pretrained(tmp_path / "elsewhere")  # refers back to export/members/*
+    loaded.save_pretrained(tmp_path / "export")  # in place: member paths stay relative
+    shutil.move(tmp_path / "export", tmp_path / "moved")
+    _same_behaviour(model, BTSForCausalLM.from_pretrained(tmp_path / "moved"))
 
 
 # ---- introspection and layout ---------------------------------------------------------------------------------------
