@@ -65,9 +65,10 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
 def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, str | None]:
     """Load one member; returns (model, directory or None for an in-memory model)."""
     if isinstance(spec, nn.Module):
+        if hasattr(spec, "config"):  # an unsupported family (e.g. GPT-2) is named as such, not as a non-causal LM
+            hf.check_supported(spec.config)
         if not hasattr(spec, "model") or not hasattr(spec, "lm_head"):
             raise BTSError(f"{role} must be a *ForCausalLM model (got {type(spec).__name__}).")
-        hf.check_supported(spec.config)
         return spec, getattr(spec, "_bts_source_dir", None)
     from transformers import AutoConfig, AutoModelForCausalLM
 
