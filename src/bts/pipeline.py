@@ -143,12 +143,26 @@ class Run:
                 docs = corpora.load_domain(name, spec)
                 splits = corpora.split_by_group(docs, fractions=fractions, seed=self.recipe.seed)
                 for split, items in splits.items():
-                    corpora.write_jsonl(self.path("data", name, f"{split}.jsonl"), items)
-                atomic_write_json(self.path("data", name, "provenance.json"), corpora.provenance(name, spec))
+                    atomic_write_text(self.path("data", name, f"{split}.jsonl"), "".join(
+                        json.dumps({"id": d.id, "group": d.group, "text": d.text}, ensure_ascii=False) + "\n"
+                        for d in items))
+                atomic_write_json(self.path("data", name, "provenance.json"), self._provenance(name, spec, docs))
                 info[name] = {split: len(items) for split, items in splits.items()}
 
+    def _provenance(self, name: str, spec, docs) -> dict:
+        if spec.source == "builtin":
+            prov = dict(corpora.provenance(name))
+        elif spec.source == "fixture":
+            prov = dict(corpora.fixture_provenance(name))
+        else:
+            prov = {"source": spec.source, "files": spec.files, "dataset": spec.dataset, "license": "user-provided"}
+        prov["documents_used"] = len(docs)
+        prov["chars_used"] = sum(len(d.text) for d in docs)
+        return prov
+
     def texts(self, domain: str, split: str) -> list[str]:
-        return [d["text"] for d in corpora.read_jsonl(self.path("data", domain, f"{split}.jsonl"))]
+        with open(self.path("data", domain, f"{split}.jsonl"), encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
 
     def tokenizer(self):
         if self._tokenizer is not None:
