@@ -198,6 +198,7 @@ class BTMEnsemble(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: BTMConfig, members: list[nn.Module] | None = None):
         super().__init__(config)
+        self.loss_type = "ForCausalLM"  # HF derives it from the class name, which lacks 'ForCausalLM'
         m = config.num_members
         _check_options(m, config.prior, config.prior_type, config.top_k)
         prior = torch.tensor(config.prior, dtype=torch.float64) if config.prior else torch.ones(m, dtype=torch.float64)
@@ -327,7 +328,7 @@ class BTMEnsemble(PreTrainedModel, GenerationMixin):
         for batch in sequences:
             if seen >= max_sequences:
                 break
-            ids, mask = _as_batch(batch, device)
+            ids, mask = as_batch(batch, device)
             ids, mask = ids[: max_sequences - seen], mask[: max_sequences - seen]
             s = torch.stack([sequence_logprob(member, ids, mask) for member in self.members], dim=-1)  # [B, m]
             for post in torch.softmax(s, dim=-1):  # uniform prior: the posterior is softmax(s)
@@ -371,7 +372,7 @@ class BTMEnsemble(PreTrainedModel, GenerationMixin):
         return model.eval()
 
 
-def _as_batch(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+def as_batch(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [B, T], attention_mask [B, T]) from a dict, a tensor or a token list."""
     if isinstance(batch, dict):
         ids = torch.as_tensor(batch["input_ids"])
