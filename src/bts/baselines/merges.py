@@ -108,7 +108,9 @@ def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta
     k = max(1, int(density * delta.numel()))  # int(), not round(): mergekit's count, so results match it exactly
     mask = torch.zeros(delta.numel(), dtype=delta.dtype)
-    mask[torch.topk(delta.abs().reshape(-1), k).indices] = 1
+    # Equal magnitudes at the cut are common (deltas of weights near 1.0 are float-quantised); which one survives
+    # is arbitrary, so break such ties the way mergekit does (the same argsort call) to keep results comparable.
+    mask[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = 1
     return delta * mask.reshape(delta.shape)
 
 
