@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", required=True, metavar="DIR", help="the seed model directory")
     p.add_argument("--experts", required=True, nargs="+", metavar="DIR", help="expert model directories")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory (must be empty or new)")
-    p.add_argument("--lambda", dest="lam", type=float, default=None,
+    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="LAMBDA",
                    help="scale of the combined task vector (all but soup; default 1.0)")
     p.add_argument("--density", type=float, default=None,
                    help=f"ties: fraction of each task vector kept, in (0, 1] (default {TIES_DENSITY})")
