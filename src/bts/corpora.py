@@ -444,7 +444,7 @@ def _apt_fetch_unnamed(package: str, tmp: Path) -> tuple[Path, str]:
         _run(["apt-get", "download", package], tmp)
     except _SourceError as exc:
         # Fresh machines have empty package lists; refresh them once per process, only for this failure.
-        if _APT_UPDATED or not re.search(r"Unable to locate|no installation candidate|not found", str(exc)):
+        if _APT_UPDATED or not re.search(r"Unable to locate|no installation candidate", str(exc)):
             raise
         _APT_UPDATED = True
         _run(["apt-get", "update"], tmp)
