@@ -33,7 +33,8 @@ def member_logp(model, ids):
 
 
 def direct_mixture(members, ids, prior):
-    """Probability-space reference: p(x_t+1|x_≤t) = Σ_j p_j(·) P(j|x_≤t), P(j|x_≤t) ∝ prior_j Π_u p_j(x_u|x_<u)."""
+    """Probability-space reference: p(x_t+1 | x_≤t) = Σ_j p_j(·) P(j | x_≤t),
+    with P(j | x_≤t) ∝ prior_j Π_u p_j(x_u | x_<u)."""
     probs = [member_logp(m, ids).double().exp() for m in members]  # [B, T, V] each
     batch, length = ids.shape
     out = torch.zeros(batch, length, probs[0].shape[-1], dtype=torch.float64)
@@ -190,6 +191,24 @@ def test_fit_prior_decay_weights_recent_sequences_more(members):
     prior = model.fit_prior(seqs, decay=0.3)
     expected = 0.3 * posts[0] + posts[1]
     torch.testing.assert_close(prior, expected / expected.sum(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_cached_generation_other_architectures(arch):
+    hub, experts = tiny_members(arch, n=1, noise=0.5, num_hidden_layers=2)
+    model = BTMEnsemble.from_members([hub, *experts])
+    ids = ids_batch(2, 6, seed=14)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_fitted_prior_survives_a_member_ruled_out(tmp_path, members):
+    model = BTMEnsemble.from_members(members)
+    dev = members[1].generate(ids_batch(2, 3, seed=15), max_new_tokens=60, min_new_tokens=60, do_sample=False)
+    prior = model.fit_prior([dev])
+    assert (prior > 0).all()
+    model.save_pretrained(tmp_path / "btm")
+    torch.testing.assert_close(BTMEnsemble.from_pretrained(tmp_path / "btm").prior, model.prior)
 
 
 def test_members_frozen_and_param_counts(ensemble, members):

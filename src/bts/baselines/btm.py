@@ -336,8 +336,9 @@ class BTMEnsemble(PreTrainedModel, GenerationMixin):
                 seen += 1
         if acc is None:
             raise BTSError("fit_prior: no dev sequences were given.")
-        prior = acc / acc.sum()
-        self.log_prior = prior.clamp_min(1e-12).log().to(self.log_prior.dtype)
+        prior = acc.clamp_min(1e-12)  # a member the dev data rules out keeps a sliver: log 0 would freeze it out
+        prior = prior / prior.sum()
+        self.log_prior = prior.log().to(self.log_prior.dtype)
         self.config.prior = prior.tolist()
         self.config.prior_type = "cached"
         return prior
