@@ -10,7 +10,12 @@ from transformers import AutoModelForCausalLM
 from bts.baselines.btm import BTMEnsemble, sequence_logprob
 from bts.errors import BTSError
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # scoped to each test: a module-level switch would leak into other test files
+        yield
 
 
 @pytest.fixture(scope="module")
