@@ -318,8 +318,8 @@ def load_btx(path, dtype: torch.dtype | None = None) -> BTXForCausalLM:
     config = MixtralConfig.from_pretrained(folder)
     if config.model_type != "mixtral":
         raise BTSError(f"BTX path '{path}' holds model_type '{config.model_type}', not a Mixtral.")
-    routing_of(config)
-    return BTXForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32).eval()
+    config.bts_routing = routing_of(config)
+    return BTXForCausalLM.from_pretrained(folder, config=config, dtype=dtype or torch.float32).eval()
 
 
 def save_btx(model: BTXForCausalLM, out_dir, *, force: bool = False, tokenizer_from=None) -> Path:
