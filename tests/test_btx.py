@@ -272,7 +272,16 @@ def test_save_loads_with_plain_transformers(tmp_path, routing):
     assert config["output_router_logits"] is True and config["router_aux_loss_coef"] == 0.01
     provenance = json.loads((tmp_path / "btx" / "bts_btx.json").read_text())
     assert [e["path"] for e in provenance["experts"]] == [hub, *experts]
-    assert torch.equal(logits(load_btx(tmp_path / "btx")), logits(btx))
+    loaded = load_btx(tmp_path / "btx")
+    assert torch.equal(logits(loaded), logits(btx))
+    assert torch.equal(loaded.generate(IDS[:1], max_new_tokens=3, do_sample=False),
+                       btx.generate(IDS[:1], max_new_tokens=3, do_sample=False))
+    loaded.train()
+    torch.manual_seed(0)
+    as_tuple = loaded(input_ids=IDS, labels=IDS, return_dict=False)
+    torch.manual_seed(0)
+    as_dict = loaded(input_ids=IDS, labels=IDS)
+    assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.aux_loss)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "btx").eval()
     assert type(plain).__name__ == "MixtralForCausalLM"
     if routing != "sampled_top1":

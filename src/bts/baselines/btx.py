@@ -29,6 +29,7 @@ before multiplying. A plain-transformers load of the checkpoint still trains wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -129,19 +130,21 @@ class BTXForCausalLM(MixtralForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, **kwargs):
         want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
-        # Stock forward without labels and without its own router loss; the NLL is computed the same way below.
+        return_dict = kwargs.pop("return_dict", None)
+        # The stock forward without labels, so its own router loss stays out; the NLL is computed the same way below.
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=None,
-                              output_router_logits=want_logits, **kwargs)
+                              output_router_logits=want_logits, return_dict=True, **kwargs)
         routed = [r.routed for r in self.routers()]
         for r in self.routers():
             r.routed = None  # drop the graph references as soon as they are used
         aux = load_balancing_loss(routed, attention_mask) if self.training else None
+        loss = None
         if labels is not None:
-            out.loss = self.loss_function(out.logits, labels, self.vocab_size, **kwargs)
+            loss = self.loss_function(out.logits, labels, self.vocab_size, **kwargs)
             if aux is not None:
-                out.loss = out.loss + self.config.router_aux_loss_coef * aux
-        out.aux_loss = aux
-        return out
+                loss = loss + self.config.router_aux_loss_coef * aux
+        out = dataclasses.replace(out, loss=loss, aux_loss=aux)  # a new output keeps the field order for to_tuple
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
