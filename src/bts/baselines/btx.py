@@ -134,10 +134,10 @@ class BTXForCausalLM(MixtralForCausalLM):
         # The stock forward without labels, so its own router loss stays out; the NLL is computed the same way below.
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=None,
                               output_router_logits=want_logits, return_dict=True, **kwargs)
-        routed = [r.routed for r in self.routers()]
+        routed = [r.routed for r in self.routers() if r.routed is not None]  # recorded in training mode only
         for r in self.routers():
             r.routed = None  # drop the graph references as soon as they are used
-        aux = load_balancing_loss(routed, attention_mask) if self.training else None
+        aux = load_balancing_loss(routed, attention_mask) if self.training and routed else None
         loss = None
         if labels is not None:
             loss = self.loss_function(out.logits, labels, self.vocab_size, **kwargs)
