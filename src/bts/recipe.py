@@ -99,13 +99,16 @@ class StitchConfig:
 
 @dataclass
 class BaselinesConfig:
-    methods: list = field(default_factory=list)  # e.g. soup, task_arithmetic, ties, dare, btx_top2, btm, routing
-    task_arithmetic_lambda: float = 1.0
-    ties_density: float = 0.5
+    """Baselines of the paper (bts.baseline_stage). Trained ones use the stitch's datamix, steps and batch size."""
+
+    methods: list = field(default_factory=list)  # soup, task_arithmetic, ties, dare, btx_*, btm, routing
+    merge_lambda: float = 1.0  # λ of task arithmetic and DARE
+    ties_density: float = 0.2
     dare_drop_rate: float = 0.5
-    btx_train: TrainConfig = field(default_factory=TrainConfig)
-    btx_trainable: str = "all"  # all | router
-    routing_train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: bool = False  # choose λ / density on the validation split (never on held-out)
+    btx_lr: float = 1e-3
+    btx_trainable: str = "full"  # full (BTX's finetune) | router
+    routing_lr: float = 5e-4  # constant, as in the paper
 
 
 @dataclass
@@ -166,8 +169,7 @@ def _check(recipe: Recipe) -> None:
             raise BTSError(f"{where} must be positive (got {value}).")
 
     phases = {"seed_model.train": recipe.seed_model.train, "experts.train": recipe.experts.train,
-              "stitch.train": recipe.stitch.train, "baselines.btx_train": recipe.baselines.btx_train,
-              "baselines.routing_train": recipe.baselines.routing_train}
+              "stitch.train": recipe.stitch.train}
     for where, t in phases.items():
         for name in ("steps", "lr", "batch_size", "grad_accum", "log_every", "ckpt_every"):
             positive(getattr(t, name), f"{where}.{name}")
@@ -207,6 +209,20 @@ def _check(recipe: Recipe) -> None:
     if not 0 <= s.gate_dropout < 1:
         raise BTSError(f"stitch.gate_dropout must be in [0, 1) (got {s.gate_dropout}).")
     positive(s.num_stitches, "stitch.num_stitches")
+    b = recipe.baselines
+    from bts.baseline_stage import METHODS
+
+    for m in b.methods:
+        if m not in METHODS:
+            raise BTSError(f"baselines.methods names '{m}', which is not a baseline ({', '.join(METHODS)}).")
+    for name in ("merge_lambda", "btx_lr", "routing_lr"):
+        positive(getattr(b, name), f"baselines.{name}")
+    if not 0 < b.ties_density <= 1:
+        raise BTSError(f"baselines.ties_density must be in (0, 1] (got {b.ties_density}).")
+    if not 0 <= b.dare_drop_rate < 1:
+        raise BTSError(f"baselines.dare_drop_rate must be in [0, 1) (got {b.dare_drop_rate}).")
+    if b.btx_trainable not in ("full", "router"):
+        raise BTSError(f"baselines.btx_trainable must be full or router (got '{b.btx_trainable}').")
 
 
 def _apply_override(raw: dict, item: str) -> None:
