@@ -290,3 +290,35 @@ def test_evaluate_tasks_rejects_bad_settings(model, tok, tmp_path):
         evaluate_tasks({"m": (model, tok)}, ["hellaswag"], tmp_path, fewshot=-1, data_dir=FIXTURES)
     with pytest.raises(BTSError, match="limit"):
         evaluate_tasks({"m": (model, tok)}, ["hellaswag"], tmp_path, limit=0, data_dir=FIXTURES)
+
+
+# ---- the `bts eval` command ------------------------------------------------------------------------------------
+def test_bts_eval_command_on_hf_and_stitched_dirs(tok, tmp_path, capsys):
+    from bts.cli import main
+
+    hub, experts = tiny_members(vocab_size=len(tok), n=2)
+    hub.save_pretrained(tmp_path / "seed")
+    tok.save_pretrained(tmp_path / "seed")
+    for i, e in enumerate(experts):
+        e.save_pretrained(tmp_path / f"e{i}")
+    BTSForCausalLM.from_members(str(tmp_path / "seed"), [str(tmp_path / "e0"), str(tmp_path / "e1")],
+                                num_stitches=2).save_pretrained(tmp_path / "bts")  # no tokenizer: uses the hub's
+    out = tmp_path / "out"
+    rc = main(["eval", str(tmp_path / "seed"), str(tmp_path / "bts"), "--tasks", "mmlu_law,champ_ll", "--limit", "3",
+               "--fewshot", "1", "--data-dir", str(FIXTURES), "--out", str(out), "--batch-size", "2"])
+    assert rc == 0
+    result = json.loads((out / "downstream.json").read_text())
+    assert result["scores"]["seed"] == result["scores"]["bts"]
+    assert result["tasks"]["champ_ll"] == {"domain": "math", "metric": "nll", "higher_is_better": False, "n": 3}
+    assert result["details"]["bts"]["mmlu_law"]["n"] == 3 and "acc_norm" in result["details"]["bts"]["mmlu_law"]
+    assert len((out / "samples" / "bts" / "champ_ll.jsonl").read_text().splitlines()) == 3
+    assert "| seed |" in (out / "downstream.md").read_text() and "| bts |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,field", [(["eval", "/nonexistent/model", "--tasks", "hellaswag"], "models"),
+                                        (["eval", ".", "--tasks", "hellaswag,nope"], "tasks")])
+def test_bts_eval_user_errors(argv, field, tmp_path, capsys):
+    from bts.cli import main
+
+    assert main(argv + ["--out", str(tmp_path), "--data-dir", str(FIXTURES)]) == 2
+    assert f"bts: error: {field}" in capsys.readouterr().err

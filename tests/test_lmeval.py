@@ -76,3 +76,12 @@ def test_launcher_passes_arguments_through(monkeypatch, tmp_path):
                                 "--include_path", str(tmp_path / "tasks")]
     lmeval.cli(["--tasks", "bts_gsm8k_ll", "--include_path", "mine"])
     assert seen["argv"][-2:] == ["--include_path", "mine"]  # an explicit path wins
+
+
+def test_bts_lm_eval_subcommand_forwards_every_argument(monkeypatch):
+    from bts.cli import main
+
+    seen = {}
+    monkeypatch.setattr(lmeval, "cli", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert main(["lm-eval", "--model", "hf", "--model_args", "pretrained=x", "-h", "--tasks", "arc_easy"]) == 0
+    assert seen["argv"] == ["--model", "hf", "--model_args", "pretrained=x", "-h", "--tasks", "arc_easy"]

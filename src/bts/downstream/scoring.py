@@ -296,7 +296,8 @@ def _safe(name: str) -> str:
 def evaluate_tasks(models: dict, tasks, out_dir, limit: int | None = None, fewshot: int = 0, seed: int = 1234, *,
                    batch_size: int = 8, max_length: int | None = None, data_dir=None,
                    max_new_tokens: int = 256) -> dict:
-    """Score every model on every task; returns the results.json section
+    """Score every model on every task. models: {method: (model, tokenizer) or a function returning that pair}.
+    Returns the results.json section
     {"tasks": {task: {"domain", "metric", "higher_is_better", "n"}}, "scores": {method: {task: value}},
     "settings": {...}} and writes it (downstream.json, with every metric), downstream.md and the samples."""
     tasks = parse_task_list(tasks)
@@ -311,7 +312,9 @@ def evaluate_tasks(models: dict, tasks, out_dir, limit: int | None = None, fewsh
     section = {"tasks": {}, "scores": {}, "settings": {"limit": limit, "fewshot": fewshot, "seed": seed,
                                                        "data_dir": str(data_dir)}}
     details: dict[str, dict] = {}
-    for method, (model, tokenizer) in models.items():
+    for method, entry in models.items():
+        # A loader (zero-argument callable) keeps one model in memory at a time: a stitched model holds n+1.
+        model, tokenizer = entry() if callable(entry) else entry
         section["scores"][method], details[method] = {}, {}
         for task in tasks:
             spec = TASKS[task]
@@ -323,6 +326,7 @@ def evaluate_tasks(models: dict, tasks, out_dir, limit: int | None = None, fewsh
                                       "higher_is_better": spec.higher_is_better, "n": result["n"]}
             section["scores"][method][task] = result[spec.metric]
             details[method][task] = result
+        del model
     atomic_write_json(out / "downstream.json", {**section, "details": details})
     atomic_write_text(out / "downstream.md", markdown_table(section))
     return section
