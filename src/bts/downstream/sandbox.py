@@ -12,8 +12,9 @@ Containment, strongest first; `isolation()` says which layers are active on this
 - where `unshare` works (root, or unprivileged user namespaces): new network and PID namespaces. No network
   interface is up, so nothing can connect anywhere, localhost included; and when the program exits or is killed,
   the kernel kills every process it left behind, even ones that called setsid();
-- when running as root: the program runs as uid/gid 65534 ('nobody') with no supplementary groups, so nothing of
-  the user's that is not world-writable can be changed or deleted;
+- when running as root (and 'nobody' can start this interpreter): the program runs as uid/gid 65534 ('nobody')
+  with no supplementary groups and no capabilities, so nothing that is not world-writable can be changed or
+  deleted;
 - where no network namespace is available: a preamble replaces socket creation with one that raises. This is a
   best-effort guard only — Python code can undo it.
 """
@@ -47,7 +48,7 @@ del _s, _refuse
 class Limits:
     cpu_seconds: int = 10
     memory_bytes: int = 1 << 30  # address space; Python itself needs ~30 MB
-    processes: int = 32  # per uid; counts threads too
+    processes: int = 32  # new processes/threads the program may start (RLIMIT_NPROC, on top of its uid's count)
     file_bytes: int = 16 << 20
     open_files: int = 64
 
@@ -68,28 +69,35 @@ class SandboxResult:
 def _unshare_prefix(as_root: bool) -> list[str]:
     # --kill-child: if unshare itself dies, its child (PID 1 of the new namespace) is killed, which takes the whole
     # namespace down with it.
-    base = ["unshare", "--net", "--pid", "--fork", "--kill-child"]
+    base = [shutil.which("unshare") or "unshare", "--net", "--pid", "--fork", "--kill-child"]
     if not as_root:
         base.insert(1, "--map-root-user")  # an unprivileged user namespace makes the other namespaces possible
     return base
 
 
 def _drop_prefix() -> list[str]:
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+    return [shutil.which("setpriv") or "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
 
 
 @functools.cache
 def isolation() -> dict:
-    """Which containment layers work here, probed once per process."""
+    """Which containment layers work here, probed once per process by actually using them."""
     as_root = os.geteuid() == 0
+    env = {"PATH": os.defpath}
     netns = False
     if shutil.which("unshare"):
         probe = subprocess.run([*_unshare_prefix(as_root), sys.executable, "-I", "-c",
                                 "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)"],
-                               capture_output=True, text=True, timeout=30, env={"PATH": os.defpath})
+                               capture_output=True, text=True, timeout=60, env=env)
         # In a fresh network namespace loopback is down, so the connect fails with "Network is unreachable".
         netns = probe.returncode != 0 and "unreachable" in probe.stderr.lower()
-    drop_uid = as_root and shutil.which("setpriv") is not None
+    drop_uid = False
+    if as_root and shutil.which("setpriv"):
+        # 'nobody' must be able to start this interpreter and read its stdlib (not so if it lives under a private
+        # home such as /root/.pyenv on a stock kernel); otherwise the program keeps running as root.
+        probe = subprocess.run([*_drop_prefix(), sys.executable, "-I", "-c", "import json, os; print(os.getuid())"],
+                               capture_output=True, text=True, timeout=60, env=env, cwd="/")
+        drop_uid = probe.returncode == 0 and probe.stdout.strip() == str(NOBODY)
     return {"network": "namespace" if netns else "socket-patch", "pid_namespace": netns,
             "uid": "nobody" if drop_uid else "unchanged", "rlimits": True}
 
@@ -105,10 +113,30 @@ def _command(script: Path) -> list[str]:
     return cmd + [sys.executable, "-I", str(script)]
 
 
-def _set_limits(limits: Limits):
+def _tasks_of(uid: int) -> int:
+    """Processes and threads the kernel already counts against uid's RLIMIT_NPROC."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if int(fields.get("Uid", "-1 0").split()[0]) == uid:
+            total += int(fields.get("Threads", "1").strip())
+    return total
+
+
+def _set_limits(limits: Limits, uid: int):
+    # RLIMIT_NPROC caps all tasks of the uid, not just the sandbox's: allow what that uid already runs (this very
+    # process and its threads, when it is not dropped to 'nobody') plus the sandbox's own budget.
+    nproc = _tasks_of(uid) + limits.processes
+
     def apply():  # runs in the child between fork and exec: only plain syscalls here
         for which, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
-                             (resource.RLIMIT_NPROC, limits.processes), (resource.RLIMIT_FSIZE, limits.file_bytes),
+                             (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_FSIZE, limits.file_bytes),
                              (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(which, (value, value))
     return apply
@@ -138,7 +166,8 @@ def run_python(program: str, timeout: float = 10.0, limits: Limits | None = None
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             start = time.monotonic()
             proc = subprocess.Popen(_command(script), cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=err, start_new_session=True, preexec_fn=_set_limits(limits))
+                                    stderr=err, start_new_session=True,
+                                    preexec_fn=_set_limits(limits, NOBODY if iso["uid"] == "nobody" else os.getuid()))
             try:
                 returncode = proc.wait(timeout=timeout)
                 status = "passed" if returncode == 0 else "failed"
