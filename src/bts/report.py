@@ -180,11 +180,35 @@ def build_sections(run, results, provenance, stages) -> list[tuple[str, str]]:
         rows = [[d, p.get("source", "–"), p.get("license", "–"), str(p.get("documents", "–"))]
                 for d, p in provenance.items()]
         sections.append(("Data", markdown_table(["domain", "source", "license", "documents"], rows)))
+    sections.append(("Training budget (every trained method: data, steps, tokens)", markdown_table(
+        ["method", "data", "steps", "batch × seq", "peak lr", "tokens"], budget_rows(run, results, stages))))
     rows = [[s, f"{info.get('wall_s', 0):.0f}", _fmt_int(info.get("tokens")), f"{info['final_loss']:.3f}"
              if "final_loss" in info else "–"] for s, info in stages.items()]
     sections.append(("Stages (every trained method's data, steps and tokens)",
                      markdown_table(["stage", "wall (s)", "train tokens", "final train loss"], rows)))
     return sections
+
+
+def budget_rows(run, results, stages) -> list[list[str]]:
+    r = run.recipe
+    mix = ", ".join(f"{d} {w:.0%}" for d, w in run.stitch_mix().items())
+    seq = r.data.seq_len
+    phases = [("seed", "seed", "all domains equally", r.seed_model.train)]
+    phases += [(f"expert:{d}", f"expert:{d}", d, r.experts.train) for d in r.expert_domains]
+    phases += [("bts", "stitch", mix, r.stitch.train)]
+    for m in r.baselines.methods:
+        if m.startswith("btx_"):
+            phases.append((m, f"baseline:{m}", mix, r.stitch.train, r.baselines.btx_lr))
+        elif m == "routing":
+            phases.append((m, "baseline:routing", mix, r.stitch.train, r.baselines.routing_lr))
+    rows = []
+    for name, stage, data, cfg, *lr in phases:
+        if name not in results["methods"] and name != "seed":
+            continue
+        info = stages.get(stage.replace(":", "-"), {})
+        rows.append([name, data, str(cfg.steps), f"{cfg.batch_size} × {seq}", f"{(lr or [cfg.lr])[0]:g}",
+                     _fmt_int(info.get("tokens"))])
+    return rows
 
 
 def to_html(results, sections, plots) -> str:

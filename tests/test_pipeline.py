@@ -1,0 +1,104 @@
+"""The whole pipeline end to end on the `smoke` preset (committed fixture text, tiny models), and its CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bts.pipeline import Run
+from bts.recipe import load_recipe
+
+SCHEMA_FIELDS = ("heldout_loss", "avg_heldout_loss", "trainable_params", "total_params", "active_params")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    run = Run(load_recipe("smoke"), root)
+    results = run.all()
+    return run, results
+
+
+def test_results_follow_the_schema(smoke_run):
+    run, results = smoke_run
+    assert results["schema"] == "bts.results/1"
+    assert results["domains"] == ["code", "prose", "math", "legal"]
+    expected = {"seed", "bts", *(f"expert:{d}" for d in results["domains"]), *run.recipe.baselines.methods}
+    assert set(results["methods"]) == expected
+    for name, entry in results["methods"].items():
+        for field in SCHEMA_FIELDS:
+            assert field in entry, (name, field)
+        assert set(entry["heldout_loss"]) == set(results["domains"])
+        assert entry["avg_heldout_loss"] == pytest.approx(sum(entry["heldout_loss"].values()) / 4)
+    bts, seed = results["methods"]["bts"], results["methods"]["seed"]
+    # Only the stitches train; the stitched model holds the seed and four experts.
+    assert bts["trainable_params"] < bts["total_params"] / 5
+    assert bts["total_params"] > 5 * seed["total_params"] * 0.99
+
+
+def test_experts_specialise_on_their_domain(smoke_run):
+    _, results = smoke_run
+    seed = results["methods"]["seed"]["heldout_loss"]
+    for d in results["domains"]:
+        assert results["methods"][f"expert:{d}"]["heldout_loss"][d] < seed[d], d
+
+
+def test_heldout_is_split_by_group_and_never_trained_on(smoke_run):
+    run, _ = smoke_run
+    for d in run.domains:
+        groups = {}
+        for split in ("train", "val", "heldout"):
+            lines = (run.path("data", d, f"{split}.jsonl")).read_text().splitlines()
+            groups[split] = {json.loads(x)["group"] for x in lines if x.strip()}
+        assert groups["heldout"] and groups["train"]
+        assert not groups["heldout"] & groups["train"] and not groups["val"] & groups["train"]
+
+
+def test_report_and_run_directory(smoke_run):
+    run, _ = smoke_run
+    for f in ("report/report.md", "report/report.html", "report/training_loss.png", "report/heldout_loss.png",
+              "report/gates.png", "recipe.yaml", "env.json", "models/bts/stitch.safetensors"):
+        assert run.path(f).is_file(), f
+    md = run.path("report/report.md").read_text()
+    assert "| bts |" in md and "license" in md.lower()
+    assert not run.path("run.lock").exists()
+    stitch_metrics = [json.loads(x) for x in run.path("train/stitch/metrics.jsonl").read_text().splitlines()]
+    assert "gates" in stitch_metrics[-1] and stitch_metrics[-1]["tok_per_s"] > 0
+    # The stitched model saved by the pipeline holds no member weights: only stitches and a manifest.
+    assert not list(run.path("models/bts").glob("model*.safetensors"))
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+    run, results = smoke_run
+    again = Run(load_recipe("smoke"), run.root).all()
+    assert again == results
+
+
+def test_second_process_refuses_a_locked_run_dir(smoke_run, tmp_path):
+    run, _ = smoke_run
+    lock = run.path("run.lock")
+    lock.write_text("1")  # pid 1 is always alive
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bts", "run", "smoke", "--run-dir", str(run.root)],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        lock.unlink()
+    assert proc.returncode == 2
+    assert "in use by process 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "no-such-recipe"], "neither a YAML file nor a built-in recipe"),
+    (["run", "smoke", "stitch.train.stpes=3"], "did you mean 'steps'"),
+    (["run", "smoke", "stitch.train.lr=-1"], "stitch.train.lr must be positive"),
+    (["run", "smoke", "--stages", "bogus"], "unknown stage"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, args, fragment):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bts", *args, "--run-dir", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0] and lines[0].startswith("bts: error:")
+    assert not out.exists() or not any(p for p in out.rglob("*") if p.name != "run.lock")
