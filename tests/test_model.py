@@ -382,3 +382,26 @@ def test_expert_stream_option_matters_once_projections_train():
                                             expert_stream=stream).eval()
         outs[stream] = _open(model, seed=1)(ids).logits
     assert (outs["projected"] - outs["raw"]).abs().max() > 1e-4
+
+
+def test_effective_mixing_weights_fold_in_the_blend():
+    """At init the hub feeds itself entirely; once the blend opens, E→H weights still sum to 1 per channel."""
+    from helpers import tiny_members
+
+    hub, experts = tiny_members("llama", 2)
+    model = BTSForCausalLM.from_members(hub, experts)
+    ids = torch.randint(3, 90, (2, 7))
+    for w, stitch in zip(model.gate_values(ids, effective=True), model.stitches):
+        expected = torch.zeros_like(w)
+        if stitch.kind == "e2h":
+            expected[..., 0, :] = 1.0
+        assert torch.equal(w, expected)
+    with torch.no_grad():
+        for s in model.stitches:
+            s.blend.normal_()
+            s.gate.weight.normal_()
+    for w, stitch in zip(model.gate_values(ids, effective=True), model.stitches):
+        if stitch.kind == "e2h":
+            torch.testing.assert_close(w.sum(-2), torch.ones_like(w.sum(-2)))
+        else:
+            assert (w[..., 0, :] == 0).all() and (w.abs() <= 1).all()  # tanh(a) may be negative

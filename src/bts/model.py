@@ -161,7 +161,8 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
                 dtype = states[0].dtype
                 h0, experts = states[0].float(), torch.stack(states[1:]).float()
                 if return_gates:
-                    gates.append(stitch.gate_values(h0).detach())
+                    fn = stitch.mixing_weights if return_gates == "effective" else stitch.gate_values
+                    gates.append(fn(h0).detach())
                 h0, experts = stitch(h0, experts)
                 states = [h0.to(dtype)] + [e.to(dtype) for e in experts.unbind(0)]
         hidden = hub.norm(states[0])
@@ -177,9 +178,11 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         return out
 
     @torch.no_grad()
-    def gate_values(self, input_ids, attention_mask=None) -> list[torch.Tensor]:
-        """Every stitch layer's gates for a batch: a list (one per stitch) of [B, T, n+1, d] tensors."""
-        return self(input_ids=input_ids, attention_mask=attention_mask, return_gates=True)["gates"]
+    def gate_values(self, input_ids, attention_mask=None, effective: bool = False) -> list[torch.Tensor]:
+        """Every stitch layer's gates for a batch: a list (one per stitch) of [B, T, n+1, d] tensors.
+        effective=True folds the blend gate in (StitchLayer.mixing_weights): what each member contributes."""
+        mode = "effective" if effective else True
+        return self(input_ids=input_ids, attention_mask=attention_mask, return_gates=mode)["gates"]
 
     # ---- saving and loading -------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, export_members: bool = False, **_ignored):

@@ -38,7 +38,7 @@ from bts.errors import BTSError
 from bts.recipe import Recipe, recipe_to_dict
 from bts.train import train
 
-STAGES = ("data", "tokenizer", "seed", "experts", "stitch", "baselines", "evaluate", "report")
+STAGES = ("data", "tokenizer", "seed", "experts", "stitch", "baselines", "evaluate", "downstream", "report")
 
 
 def log(msg: str) -> None:
@@ -369,6 +369,29 @@ class Run:
                 del model
             atomic_write_json(self.path("results.json"), results)
 
+    def downstream(self) -> None:
+        """Downstream tasks (MMLU groups, HellaSwag, GSM8K/HumanEval likelihoods, …) for every method; the
+        section is added to results.json under "downstream"."""
+        d = self.recipe.downstream
+        if not d.tasks or self.done("downstream"):
+            return
+        from bts.downstream.scoring import evaluate_tasks
+
+        with self.stage("downstream"):
+            data_dir = None
+            if d.fixtures:
+                from bts.downstream.tasks import FIXTURES
+
+                data_dir = FIXTURES
+            tok = self.tokenizer()
+            models = {name: (lambda load=load: (load()[0], tok)) for name, (load, _) in self.methods().items()}
+            section = evaluate_tasks(models, list(d.tasks), self.path("downstream"), limit=d.limit or None,
+                                     fewshot=d.fewshot, seed=self.recipe.seed, data_dir=data_dir,
+                                     max_length=4 * self.recipe.data.seq_len)
+            results = json.loads(self.path("results.json").read_text())
+            results["downstream"] = section
+            atomic_write_json(self.path("results.json"), results)
+
     def report(self) -> None:
         from bts.report import write_report
 
@@ -396,11 +419,11 @@ def _load_bts(path):
 
 @torch.no_grad()
 def gate_summary(model, ids: torch.Tensor) -> list[dict]:
-    """Mean gate per member for every stitch layer on a probe (E→H: softmax mass; H→E: sigmoid openness),
-    plus the blend strength tanh(a) when the blend init is used."""
+    """Mean mixing weight per member for every stitch layer on a probe (E→H: share of the new hub state;
+    H→E: how far expert streams move towards the hub), plus the blend strength |tanh(a)| with the blend init."""
     was_training = model.training
     model.eval()
-    gates = model.gate_values(ids.view(1, -1) if ids.dim() == 1 else ids)
+    gates = model.gate_values(ids.view(1, -1) if ids.dim() == 1 else ids, effective=True)
     names = ["hub"] + list(model.config.expert_names)
     out = []
     for stitch, g in zip(model.stitches, gates):

@@ -112,6 +112,16 @@ class BaselinesConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """Downstream tasks scored for every method (bts.downstream): see `bts eval --help` for the task names."""
+
+    tasks: list = field(default_factory=list)  # empty: skip the stage
+    limit: int = 0  # items per task (0 = all)
+    fewshot: int = 0
+    fixtures: bool = False  # score the small committed slices instead of the full sets (no download)
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     seed: int = 0
@@ -122,6 +132,7 @@ class Recipe:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     stitch: StitchConfig = field(default_factory=StitchConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     @property
     def expert_domains(self) -> list[str]:
@@ -221,6 +232,15 @@ def _check(recipe: Recipe) -> None:
         raise BTSError(f"baselines.ties_density must be in (0, 1] (got {b.ties_density}).")
     if not 0 <= b.dare_drop_rate < 1:
         raise BTSError(f"baselines.dare_drop_rate must be in [0, 1) (got {b.dare_drop_rate}).")
+    if recipe.downstream.limit < 0 or recipe.downstream.fewshot < 0:
+        raise BTSError(f"downstream.limit and downstream.fewshot must be ≥ 0 (got {recipe.downstream.limit}, "
+                       f"{recipe.downstream.fewshot}).")
+    if recipe.downstream.tasks:
+        from bts.downstream.tasks import TASKS
+
+        for t in recipe.downstream.tasks:
+            if t not in TASKS:
+                raise BTSError(f"downstream.tasks names '{t}', which is not a task ({', '.join(TASKS)}).")
     if b.btx_trainable not in ("full", "router"):
         raise BTSError(f"baselines.btx_trainable must be full or router (got '{b.btx_trainable}').")
 

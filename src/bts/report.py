@@ -118,8 +118,9 @@ def plot_heldout_bars(results: dict, out: Path) -> Path:
 
 @torch.no_grad()
 def plot_gate_heatmap(model, tokenizer, ids: torch.Tensor, boundaries: list[int], out: Path) -> Path:
-    """Per-token gate mass of the last E→H stitch (averaged over channels): tokens × members."""
-    gates = model.gate_values(ids.view(1, -1))
+    """Per-token mixing weight of each member at the last E→H stitch (averaged over channels; the blend gate is
+    folded in, so a column sums to 1): tokens × members."""
+    gates = model.gate_values(ids.view(1, -1), effective=True)
     last = max(i for i, s in enumerate(model.stitches) if s.kind == "e2h")
     mass = gates[last][0].mean(-1).T.numpy()  # [members, T]
     names = ["hub"] + list(model.config.expert_names)
@@ -129,9 +130,10 @@ def plot_gate_heatmap(model, tokenizer, ids: torch.Tensor, boundaries: list[int]
     ax.set_xlabel("token position (dashed lines: domain switches)")
     for b, label in boundaries:
         ax.axvline(b - 0.5, color="white", linestyle="--", linewidth=1)
-        ax.text(b + 1, -0.7, label, fontsize=7, va="bottom")
-    fig.colorbar(im, ax=ax, label="gate mass")
-    ax.set_title(f"Gate of the last E→H stitch (after block {model.config.stitch_positions[last]}) per token")
+        ax.text(b + 1, len(names) - 0.6, f"{label} text", fontsize=8, color="white", va="bottom")
+    fig.colorbar(im, ax=ax, label="mixing weight")
+    ax.set_title(f"Who feeds the hub: last E→H stitch (after block {model.config.stitch_positions[last]}), per token",
+                 pad=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -176,6 +178,11 @@ def build_sections(run, results, provenance, stages) -> list[tuple[str, str]]:
                  markdown_table(*results_table(results)) +
                  "\n\n`mixed` is held-out text that switches domain every half window.")]
     sections.append(("Parameters and training cost", markdown_table(*params_table(results))))
+    if "downstream" in results:
+        from bts.downstream.scoring import markdown_table as downstream_table
+
+        sections.append(("Downstream tasks (accuracy ↑; nll = answer negative log-likelihood per token ↓)",
+                         downstream_table(results["downstream"])))
     if provenance:
         rows = [[d, p.get("source", "–"), p.get("license", "–"), str(p.get("documents", "–"))]
                 for d, p in provenance.items()]

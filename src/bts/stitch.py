@@ -84,6 +84,21 @@ class StitchLayer(nn.Module):
         z = self.dropout(self.gate(h0).unflatten(-1, (self.n + 1, self.d)))
         return torch.softmax(z, dim=-2) if self.kind == E2H else torch.sigmoid(z)
 
+    def mixing_weights(self, h0: torch.Tensor) -> torch.Tensor:
+        """What each member really contributes, [B, T, n+1, d]: the gates with the blend folded in.
+
+        E→H: hub (1 − t) + t·g_0, expert i t·g_i, with t = tanh(a) (t = 1 without the blend), so they sum to 1.
+        H→E: how far each expert stream moves towards the projected hub, t_i·g_i (the hub entry is 0)."""
+        g = self.gate_values(h0)
+        if self.blend is None:
+            return g if self.kind == E2H else torch.cat([torch.zeros_like(g[..., :1, :]), g[..., 1:, :]], -2)
+        t = torch.tanh(self.blend)  # [1, d] or [n, d]
+        if self.kind == E2H:
+            w = g * t
+            w[..., 0, :] += 1 - t[0]
+            return w
+        return torch.cat([torch.zeros_like(g[..., :1, :]), g[..., 1:, :] * t], -2)
+
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """x: [n, B, T, d] (or [B, T, d], broadcast to every expert) -> [n, B, T, d] with W_proj_i applied."""
         if x.dim() == 3:
