@@ -8,6 +8,11 @@ Every member embeds the tokens with its own table and runs its own decoder block
 stitch layer (bts.stitch) mixes the residual streams. The output is the hub's final norm and LM head applied to
 the stitched hub stream. One transformers `DynamicCache` holds every member's keys and values: member m's layer i
 uses slot m·L + i, so `generate()`, beam search and cache cropping work unchanged.
+
+Sparse inference (beyond the paper): `model.set_active_experts(["code"])` — or the top-k by gate mass on a prompt,
+`model.set_active_experts(model.top_experts(prompt_ids, k=1))` — runs only those experts: the others' blocks,
+projections, gate rows and KV cache are skipped, and E→H gates renormalise over the active members.
+`set_active_experts(None)` restores the full model. Adding and removing experts: bts.modularity.
 """
 
 from __future__ import annotations
@@ -53,9 +58,15 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         # Experts keep only their decoder: their LM heads are never used.
         self.experts = nn.ModuleList(freeze(hf.decoder_of(e)) for e in experts)
         self._expert_models = list(experts)  # full models, kept only to write them out (plain list: not a submodule)
-        for m, expert in enumerate(self.experts):
-            hf.assign_cache_slots(expert, (m + 1) * base.num_hidden_layers)
+        self._claim_cache_slots()
+        self._active: list[int] | None = None  # sparse inference: indices of the experts that run (None: all)
         self.stitches.float()
+
+    def _claim_cache_slots(self) -> None:
+        # Frozen members can be shared between models (bts.modularity builds models from another's members), and a
+        # member's slot depends on its position here, so a model re-claims its slots before every forward.
+        for m, expert in enumerate(self.experts):
+            hf.assign_cache_slots(expert, (m + 1) * self.config.base_config.num_hidden_layers)
 
     def to(self, *args, **kwargs):
         """Moves devices freely but keeps stitch parameters in fp32 and members in their own dtype."""
@@ -141,19 +152,23 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + past
-        states = [hub.embed_tokens(input_ids)] + [e.embed_tokens(input_ids) for e in self.experts]
+        experts_in = self.experts if self._active is None else [self.experts[a] for a in self._active]
+        states = [hub.embed_tokens(input_ids)] + [e.embed_tokens(input_ids) for e in experts_in]
         masks = hf.build_masks(self.hub.config, states[0], attention_mask, cache, position_ids)
         rope = hf.rotary(hub, states[0], position_ids)
         types = hf.layer_types(self.hub.config)
         kinds, positions = self.config.stitch_kinds, self.config.stitch_positions
         last_e2h = max(p for p, k in zip(positions, kinds) if k == E2H) if E2H in kinds else 0
         stitch_after = dict(zip(positions, self.stitches))
+        active = self._active  # None: every expert runs
+        running = list(self.experts) if active is None else [self.experts[a] for a in active]
+        self._claim_cache_slots()
         gates = []
         layer_kwargs = dict(position_embeddings=rope, position_ids=position_ids, cache=cache, use_cache=use_cache)
         for i in range(len(hub.layers)):
             mask = masks[types[i]]
             # Expert blocks after the last E→H cannot reach the output: skip them (and their cache).
-            runners = [hub] + (list(self.experts) if i < last_e2h else [])
+            runners = [hub] + (running if i < last_e2h else [])
             for m, member in enumerate(runners):
                 states[m] = hf.call_layer(member.layers[i], states[m], mask=mask, **layer_kwargs)
             stitch = stitch_after.get(i + 1)
@@ -162,8 +177,8 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
                 h0, experts = states[0].float(), torch.stack(states[1:]).float()
                 if return_gates:
                     fn = stitch.mixing_weights if return_gates == "effective" else stitch.gate_values
-                    gates.append(fn(h0).detach())
-                h0, experts = stitch(h0, experts)
+                    gates.append(fn(h0, active=active).detach())
+                h0, experts = stitch(h0, experts, active=active)
                 states = [h0.to(dtype)] + [e.to(dtype) for e in experts.unbind(0)]
         hidden = hub.norm(states[0])
         if logits_to_keep:
@@ -183,6 +198,46 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         effective=True folds the blend gate in (StitchLayer.mixing_weights): what each member contributes."""
         mode = "effective" if effective else True
         return self(input_ids=input_ids, attention_mask=attention_mask, return_gates=mode)["gates"]
+
+    # ---- sparse inference ---------------------------------------------------------------------------------
+    @property
+    def active_experts(self) -> list[str]:
+        names = list(self.config.expert_names)
+        return names if self._active is None else [names[a] for a in self._active]
+
+    def set_active_experts(self, names: list[str] | None) -> None:
+        """Run only these experts from now on (None: all of them). Gates are renormalised over the hub and the
+        active experts; the others cost nothing. Change it between generations, not inside one: a KV cache
+        holds only the experts that were active when it was filled."""
+        if names is None:
+            self._active = None
+            return
+        names = [names] if isinstance(names, str) else list(names)
+        known = list(self.config.expert_names)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise BTSError(f"expert '{unknown[0]}' is not in this model (experts: {', '.join(known)}).")
+        if not names or len(set(names)) != len(names):
+            raise BTSError(f"active experts must be a non-empty list of distinct names (got {names}).")
+        idx = sorted(known.index(n) for n in names)
+        self._active = None if len(idx) == len(known) else idx
+
+    @torch.no_grad()
+    def top_experts(self, input_ids, k: int, attention_mask=None) -> list[str]:
+        """The k experts with the most mixing weight (mean over E→H stitches, tokens and channels) on a prompt,
+        measured with every expert active."""
+        n = self.config.num_experts
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise BTSError(f"k must be an integer between 1 and the {n} experts (got {k}).")
+        saved, self._active = self._active, None
+        try:
+            gates = self.gate_values(input_ids, attention_mask, effective=True)
+        finally:
+            self._active = saved
+        e2h = [g for g, kind in zip(gates, self.config.stitch_kinds) if kind == E2H]
+        mass = torch.stack([g[..., 1:, :].mean(dim=(0, 1, 3)) for g in e2h]).mean(0)  # [n]
+        order = torch.argsort(mass, descending=True, stable=True)[:k].tolist()
+        return [self.config.expert_names[i] for i in sorted(order)]
 
     # ---- saving and loading -------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, export_members: bool = False, **_ignored):
@@ -252,6 +307,9 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             state = load_file(folder / STITCH_WEIGHTS)
         except Exception as exc:
             raise BTSError(f"'{folder / STITCH_WEIGHTS}' is corrupt or truncated ({exc}).") from None
+        for i, stitch in enumerate(model.stitches):  # E→H presence weights exist once an expert was added
+            if f"{i}.presence" in state and stitch.kind == E2H:
+                stitch.enable_presence()
         missing, unexpected = model.stitches.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise BTSError(f"'{folder / STITCH_WEIGHTS}' does not match the config "

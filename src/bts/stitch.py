@@ -27,6 +27,14 @@ The paper leaves initialisation open; `init` selects one of:
   "default"    PyTorch's default nn.Linear initialisation (what the paper's text literally specifies: nothing).
 The choice between them was measured on the demo (docs/ablations.md).
 
+Modularity (bts.modularity) adds two things, both off on the plain path:
+  presence     an optional per-member, per-channel weight inside the E→H softmax, g_i ∝ p_i·exp(z_i), p ≥ 0. A newly
+               added expert starts at p = 0: it gets exactly no mass and the others keep theirs, yet ∂L/∂p ≠ 0, so
+               training can open it (a −∞ logit bias would be exact too, but its gradient is 0).
+  active       forward(…, active=[expert indices]) runs the stitch over a subset of the experts only (sparse
+               inference): their slices of W_proj, W_gate and the blend, so E→H gates renormalise over the
+               active members.
+
 What the expert streams carry after an E→H layer is the other open question (`expert_stream`): Appendix B and
 MixtureKit return the projected states ĥ_i ("projected"); "raw" leaves experts untouched, so E→H changes the hub
 only. They coincide at identity projections; see docs/ablations.md for the measurement behind the default.
@@ -35,6 +43,7 @@ only. They coincide at identity projections; see docs/ablations.md for the measu
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 E2H, H2E = "e2h", "h2e"
@@ -56,7 +65,14 @@ class StitchLayer(nn.Module):
         self.dropout = nn.Dropout(gate_dropout)
         # The zero-initialised blend a: one per channel of the hub (E→H) or of each expert (H→E).
         self.blend = nn.Parameter(torch.zeros(1 if kind == E2H else n, d)) if init == "blend" else None
+        self.presence = None  # E→H only, [n+1, d]; see enable_presence
         self.reset_parameters()
+
+    def enable_presence(self) -> None:
+        """Add the E→H presence weights p (all 1: no change to the outputs). Used when experts are added."""
+        assert self.kind == E2H
+        if self.presence is None:
+            self.presence = nn.Parameter(torch.ones(self.n + 1, self.d, device=self.proj.device))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -79,44 +95,66 @@ class StitchLayer(nn.Module):
         """(2n+1)·d², the count the paper reports (no bias, no blend)."""
         return (2 * self.n + 1) * self.d * self.d
 
-    def gate_values(self, h0: torch.Tensor) -> torch.Tensor:
-        """Gates g for every member and channel: [B, T, n+1, d] (softmax for E→H, sigmoid for H→E)."""
-        z = self.dropout(self.gate(h0).unflatten(-1, (self.n + 1, self.d)))
-        return torch.softmax(z, dim=-2) if self.kind == E2H else torch.sigmoid(z)
+    def gate_values(self, h0: torch.Tensor, active: list[int] | None = None) -> torch.Tensor:
+        """Gates g for every member and channel: [B, T, n+1, d] (softmax for E→H, sigmoid for H→E).
+        With `active` (expert indices): [B, T, k+1, d], hub first, E→H renormalised over those members."""
+        members = None if active is None else [0] + [1 + a for a in active]
+        if members is None:
+            z = self.gate(h0).unflatten(-1, (self.n + 1, self.d))
+        else:  # only the active members' rows of W_gate: their logits are all that is computed
+            w = self.gate.weight.view(self.n + 1, self.d, self.d)[members].flatten(0, 1)
+            b = None if self.gate.bias is None else self.gate.bias.view(self.n + 1, self.d)[members].flatten()
+            z = F.linear(h0, w, b).unflatten(-1, (len(members), self.d))
+        z = self.dropout(z)
+        if self.kind == H2E:
+            return torch.sigmoid(z)
+        if self.presence is None:
+            return torch.softmax(z, dim=-2)
+        p = self.presence.clamp_min(0)  # projected to p ≥ 0 during training; the clamp only guards
+        p = p if members is None else p[members]
+        # Weighted softmax, shifted by the largest logit among present members (a constant: no gradient needed).
+        shift = z.detach().masked_fill(p <= 0, float("-inf")).amax(-2, keepdim=True)
+        w = torch.exp(z - torch.where(torch.isfinite(shift), shift, 0)) * p
+        return w / w.sum(-2, keepdim=True).clamp_min(1e-30)
 
-    def mixing_weights(self, h0: torch.Tensor) -> torch.Tensor:
+    def mixing_weights(self, h0: torch.Tensor, active: list[int] | None = None) -> torch.Tensor:
         """What each member really contributes, [B, T, n+1, d]: the gates with the blend folded in.
 
         E→H: hub (1 − t) + t·g_0, expert i t·g_i, with t = tanh(a) (t = 1 without the blend), so they sum to 1.
         H→E: how far each expert stream moves towards the projected hub, t_i·g_i (the hub entry is 0)."""
-        g = self.gate_values(h0)
+        g = self.gate_values(h0, active)
         if self.blend is None:
             return g if self.kind == E2H else torch.cat([torch.zeros_like(g[..., :1, :]), g[..., 1:, :]], -2)
-        t = torch.tanh(self.blend)  # [1, d] or [n, d]
+        t = torch.tanh(self._blend(active))  # [1, d] or [k, d]
         if self.kind == E2H:
             w = g * t
             w[..., 0, :] += 1 - t[0]
             return w
         return torch.cat([torch.zeros_like(g[..., :1, :]), g[..., 1:, :] * t], -2)
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [n, B, T, d] (or [B, T, d], broadcast to every expert) -> [n, B, T, d] with W_proj_i applied."""
-        if x.dim() == 3:
-            return torch.einsum("btd,ned->nbte", x, self.proj)
-        return torch.einsum("nbtd,ned->nbte", x, self.proj)
+    def _blend(self, active: list[int] | None) -> torch.Tensor:
+        return self.blend if active is None or self.kind == E2H else self.blend[active]
 
-    def forward(self, h0: torch.Tensor, experts: torch.Tensor):
-        """h0: [B, T, d]; experts: [n, B, T, d]. Returns the new (h0, experts)."""
-        g = self.gate_values(h0).movedim(-2, 0)  # [n+1, B, T, d]
+    def _project(self, x: torch.Tensor, active: list[int] | None = None) -> torch.Tensor:
+        """x: [k, B, T, d] (or [B, T, d], broadcast to every expert) -> [k, B, T, d] with W_proj_i applied."""
+        proj = self.proj if active is None else self.proj[active]
+        if x.dim() == 3:
+            return torch.einsum("btd,ned->nbte", x, proj)
+        return torch.einsum("nbtd,ned->nbte", x, proj)
+
+    def forward(self, h0: torch.Tensor, experts: torch.Tensor, active: list[int] | None = None):
+        """h0: [B, T, d]; experts: [n, B, T, d] (or [k, B, T, d]: the `active` experts only, in that order).
+        Returns the new (h0, experts)."""
+        g = self.gate_values(h0, active).movedim(-2, 0)  # [n+1, B, T, d]
         if self.kind == E2H:
-            projected = self._project(experts)
+            projected = self._project(experts, active)
             mixed = g[0] * h0 + (g[1:] * projected).sum(0)
             new_h0 = mixed if self.blend is None else h0 + torch.tanh(self.blend[0]) * (mixed - h0)
             new_experts = projected if self.expert_stream == "projected" else experts
             return new_h0, new_experts
-        mixed = (1 - g[1:]) * experts + g[1:] * self._project(h0)
+        mixed = (1 - g[1:]) * experts + g[1:] * self._project(h0, active)
         if self.blend is not None:
-            mixed = experts + torch.tanh(self.blend)[:, None, None, :] * (mixed - experts)
+            mixed = experts + torch.tanh(self._blend(active))[:, None, None, :] * (mixed - experts)
         return h0, mixed
 
 
