@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bts import corpora
+from bts import corpora, faults
 from bts.atomic import atomic_write_json, atomic_write_text
 from bts.data import Batcher, eval_windows, heldout_loss, interleave, tokenize_stream
 from bts.errors import BTSError
@@ -148,6 +148,7 @@ class Run:
                         for d in items))
                 atomic_write_json(self.path("data", name, "provenance.json"), self._provenance(name, spec, docs))
                 info[name] = {split: len(items) for split, items in splits.items()}
+                faults.point(f"data:{name}")
 
     def _provenance(self, name: str, spec, docs) -> dict:
         if spec.source == "builtin":
@@ -364,6 +365,7 @@ class Run:
                         entry["train_" + key if key == "tokens" else key] = stage_info[key]
                 entry["eval_wall_s"] = round(time.perf_counter() - t0, 2)
                 atomic_write_json(cached, entry)
+                faults.point(f"evaluate:{name}")
                 results["methods"][name] = entry
                 log(f"  {name:<22} avg held-out loss {entry['avg_heldout_loss']:.4f}")
                 del model

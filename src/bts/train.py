@@ -198,6 +198,7 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
     save = _save_checkpoint if mode is None else _save_checkpoint_distributed
     try:
         for step in range(start, cfg.steps):
+            faults.point(f"{desc}:{step}")
             if step_hook is not None:
                 step_hook(step)
             lr = lr_at(step, cfg)
@@ -255,6 +256,7 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
+    faults.point(f"{desc}:{cfg.steps}")
     if work is not model:
         _copy_back(trainable, caller_trainable)
     model.eval()
