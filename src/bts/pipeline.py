@@ -18,6 +18,7 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -38,6 +39,8 @@ from bts.errors import BTSError
 from bts.recipe import Recipe, recipe_to_dict
 from bts.train import train
 
+# errno values of a write that failed for reasons outside bts (disk full, quota, read-only or not a folder)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EFBIG}
 STAGES = ("data", "tokenizer", "seed", "experts", "stitch", "baselines", "evaluate", "downstream", "report")
 
 
@@ -120,17 +123,26 @@ class Run:
         unknown = wanted - set(STAGES) - {f"expert:{d}" for d in self.recipe.expert_domains}
         if unknown:
             raise BTSError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)} and expert:<domain>.")
-        with self.lock():
-            self.write_manifest()
-            t0 = time.perf_counter()
-            for stage in STAGES:
-                if stage == "experts":
-                    for d in self.recipe.expert_domains:
-                        if "experts" in wanted or f"expert:{d}" in wanted:
-                            self.expert(d)
-                elif stage in wanted:
-                    getattr(self, stage)()
-            log(f"finished in {time.perf_counter() - t0:.0f}s; run directory: {self.root}")
+        try:
+            with self.lock():
+                self.write_manifest()
+                t0 = time.perf_counter()
+                for stage in STAGES:
+                    if stage == "experts":
+                        for d in self.recipe.expert_domains:
+                            if "experts" in wanted or f"expert:{d}" in wanted:
+                                self.expert(d)
+                    elif stage in wanted:
+                        getattr(self, stage)()
+                log(f"finished in {time.perf_counter() - t0:.0f}s; run directory: {self.root}")
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            # A full disk or an unwritable folder is the user's to fix: one line, not a traceback. Writes are
+            # atomic and stage markers come last, so nothing half-written is taken for complete on the next run.
+            where = f" at '{exc.filename}'" if exc.filename else ""
+            raise BTSError(f"run directory '{self.root}': {exc.strerror}{where}; finished stages are kept and the "
+                           "same command resumes once this is fixed.") from None
         results = self.path("results.json")
         return json.loads(results.read_text()) if results.exists() else None
 
@@ -352,8 +364,9 @@ class Run:
                        "expert_domains": self.recipe.expert_domains, "seq_len": seq, "methods": {}}
             for name, (load, stage_info) in self.methods().items():
                 cached = self.path("eval", f"{name.replace(':', '-')}.json")
-                if cached.exists():
-                    results["methods"][name] = json.loads(cached.read_text())
+                entry = _read_cached(cached)
+                if entry is not None:
+                    results["methods"][name] = entry
                     continue
                 t0 = time.perf_counter()
                 model, accounting = load()
@@ -436,6 +449,20 @@ def gate_summary(model, ids: torch.Tensor) -> list[dict]:
         out.append(row)
     model.train(was_training)
     return out
+
+
+def _read_cached(path: Path) -> dict | None:
+    """A cached eval entry, or None when absent or damaged (then it is recomputed, never half-read)."""
+    if not path.exists():
+        return None
+    try:
+        entry = json.loads(path.read_text())
+        if isinstance(entry, dict) and "avg_heldout_loss" in entry:
+            return entry
+    except (ValueError, UnicodeDecodeError):
+        pass
+    log(f"warning: cached evaluation {path} is damaged; evaluating again")
+    return None
 
 
 def _alive(pid: int) -> bool:
