@@ -312,10 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--add-fraction", type=float, default=0.25)
     p.add_argument("--retrain-fraction", type=float, default=0.25)
+    p.add_argument("--out", help="where results and training logs go (default: RUN_DIR/modularity)")
     args = p.parse_args(argv)
     try:
         run = load_run(args.run_dir)
-        results = measure_modularity(run, add_fraction=args.add_fraction, retrain_fraction=args.retrain_fraction)
+        results = measure_modularity(run, add_fraction=args.add_fraction, retrain_fraction=args.retrain_fraction,
+                                     out=args.out)
     except BTSError as exc:
         print(f"bts: error: {exc}", file=sys.stderr)
         return 2

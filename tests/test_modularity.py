@@ -1,0 +1,224 @@
+"""Modularity invariants: adding an expert changes nothing until trained (yet trains), removing one renormalises the
+gates and is usable at once, sparse inference is the full model at k = n and really skips experts at k < n, and the
+gates command writes its views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import VOCAB, save_members, tiny_members
+
+import bts  # noqa: F401
+from bts import BTSError, BTSForCausalLM
+from bts.modularity import _new_slot_masks, add_expert, remove_expert, train_stitches
+from bts.recipe import TrainConfig
+from bts.stitch import E2H
+
+
+def _ids(b=2, t=12, seed=0):
+    return torch.randint(3, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _open(model, seed=0, scale=0.3):
+    """Move every stitch parameter far from its init, so nothing below relies on the identity start."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.stitch_parameters():
+        p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _trained(n=3, init="blend", **kw):
+    hub, experts = tiny_members("llama", n)
+    names = [f"e{i}" for i in range(n)]
+    return _open(BTSForCausalLM.from_members(hub, experts, names=names, init=init, **kw).eval()), experts
+
+
+# ---- add ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", ["blend", "bias", "default"])
+def test_add_expert_keeps_outputs_and_has_live_gradients(init):
+    model, experts = _trained(3, init=init)
+    small = remove_expert(model, "e2")  # a 2-expert model; e2 comes back as the new one
+    ids = _ids()
+    with torch.no_grad():
+        ref = small(ids).logits
+    grown = add_expert(small, experts[2], name="new")
+    assert grown.config.expert_names == ["e0", "e1", "new"]
+    with torch.no_grad():
+        assert (grown(ids).logits - ref).abs().max() <= 1e-4
+    grown.train()
+    grown(ids, labels=ids).loss.backward()
+    e2h = [s for s in grown.stitches if s.kind == E2H]
+    assert all(s.presence.grad[3].abs().sum() > 0 for s in e2h)  # the new member's presence is trainable now
+
+
+def test_training_only_new_slots_leaves_every_other_entry_bit_identical(tmp_path):
+    model, experts = _trained(3)
+    grown = add_expert(remove_expert(model, "e2"), experts[2], name="new")
+    before = {k: v.clone() for k, v in grown.stitches.state_dict().items()}
+    masks = _new_slot_masks(grown, "new")
+    ids = _ids()
+    cfg = TrainConfig(steps=3, lr=1e-2, warmup=1, batch_size=2, log_every=1, ckpt_every=10, weight_decay=0.1)
+    train_stitches(grown, lambda step: [{"input_ids": ids, "labels": ids}], cfg, tmp_path / "t", only="new")
+    after = grown.stitches.state_dict()
+    moved = False
+    for k, v in before.items():
+        mask = masks.get(f"stitches.{k}")
+        frozen = torch.ones_like(v, dtype=torch.bool) if mask is None else ~mask.bool()
+        assert torch.equal(after[k][frozen], v[frozen]), k  # weight decay included: nothing old moved
+        moved |= mask is not None and not torch.equal(after[k][mask.bool()], v[mask.bool()])
+    assert moved
+    assert all((s.presence >= 0).all() for s in grown.stitches if s.presence is not None)
+    with torch.no_grad():
+        assert (grown(ids).logits - remove_expert(grown, "new")(ids).logits).abs().max() > 1e-4
+
+
+def test_added_model_round_trips_through_save(tmp_path):
+    hub_dir, expert_dirs = save_members(tmp_path, n=3)
+    model = _open(BTSForCausalLM.from_members(hub_dir, expert_dirs[:2]))
+    grown = add_expert(model, expert_dirs[2], name="third")
+    with torch.no_grad():
+        for s in grown.stitches:
+            if s.presence is not None:
+                s.presence[3].fill_(0.5)  # as if trained
+    grown.save_pretrained(tmp_path / "grown")
+    loaded = BTSForCausalLM.from_pretrained(tmp_path / "grown")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, grown.eval()(ids).logits)
+
+
+# ---- remove -------------------------------------------------------------------------------------------------------
+def test_remove_expert_renormalises_and_is_usable():
+    model, _ = _trained(3)
+    reduced = remove_expert(model, "e1")
+    assert reduced.config.expert_names == ["e0", "e2"] and reduced.config.num_experts == 2
+    ids = _ids()
+    for g, kind in zip(reduced.gate_values(ids, effective=True), reduced.config.stitch_kinds):
+        assert g.shape[-2] == 3
+        if kind == E2H:
+            assert (g.sum(-2) - 1).abs().max() <= 1e-5
+    # the kept slots are the old ones: the reduced model is the full one with e1 switched off
+    model.set_active_experts(["e0", "e2"])
+    with torch.no_grad():
+        assert (reduced(ids).logits - model(ids).logits).abs().max() <= 1e-5
+    out_c = reduced.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    out_n = reduced.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(out_c, out_n)
+    # removing leaves the source model working: it still has its three experts
+    model.set_active_experts(None)
+    assert model(ids).logits.isfinite().all()
+
+
+# ---- sparse inference -----------------------------------------------------------------------------------------------
+def test_sparse_all_experts_is_the_full_model_exactly():
+    model, _ = _trained(3)
+    ids = _ids()
+    with torch.no_grad():
+        full = model(ids).logits
+        model.set_active_experts(["e2", "e0", "e1"])
+        assert torch.equal(model(ids).logits, full)
+        model.set_active_experts(model.top_experts(ids, k=3))
+        assert torch.equal(model(ids).logits, full)
+
+
+def test_sparse_skips_inactive_experts_and_generates_consistently():
+    model, _ = _trained(3)
+    calls = {m: 0 for m in range(4)}
+    for m, member in enumerate(model.members()):
+        layers = member.model.layers if m == 0 else member.layers
+        for layer in layers:
+            layer.register_forward_hook(lambda *_a, m=m: calls.__setitem__(m, calls[m] + 1))
+    ids = _ids()
+    top = model.top_experts(ids, k=1)
+    assert len(top) == 1
+    for m in calls:
+        calls[m] = 0
+    model.set_active_experts(top)
+    with torch.no_grad():
+        sparse = model(ids).logits
+    active = 1 + model.config.expert_names.index(top[0])
+    assert calls[0] == 4 and calls[active] > 0
+    assert all(calls[m] == 0 for m in (1, 2, 3) if m != active)  # never run: no compute, no KV cache
+    reduced = model
+    for name in set(model.config.expert_names) - set(top):  # sparse == the model with the others removed
+        reduced = remove_expert(reduced, name)
+    with torch.no_grad():
+        assert (sparse - reduced(ids).logits).abs().max() <= 1e-5
+    out_c = model.generate(ids, max_new_tokens=6, do_sample=False)
+    out_n = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(out_c, out_n)
+    e2h = [g for g, k in zip(model.gate_values(ids, effective=True), model.config.stitch_kinds) if k == E2H]
+    assert all(g.shape[-2] == 2 and (g.sum(-2) - 1).abs().max() <= 1e-5 for g in e2h)
+
+
+def test_bad_inputs_are_bts_errors(tmp_path):
+    model, experts = _trained(2)
+    ids = _ids()
+    with pytest.raises(BTSError, match="'nope'"):
+        model.set_active_experts(["nope"])
+    with pytest.raises(BTSError, match="k must"):
+        model.top_experts(ids, k=3)
+    with pytest.raises(BTSError, match="k must"):
+        model.top_experts(ids, k=0)
+    with pytest.raises(BTSError):
+        model.set_active_experts([])
+    with pytest.raises(BTSError, match="'nope'"):
+        remove_expert(model, "nope")
+    with pytest.raises(BTSError, match="already a member"):
+        add_expert(model, experts[0], name="e1")
+    with pytest.raises(BTSError, match="only expert"):
+        remove_expert(remove_expert(model, "e0"), "e1")
+
+
+def _word_tokenizer():
+    """A word-level tokenizer inside the tiny vocabulary (the tiny members come without one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": 2 + i for i in range(1, 10)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+# ---- commands -----------------------------------------------------------------------------------------------------
+def test_cli_gates_add_remove(tmp_path):
+    from bts.cli import main
+
+    hub_dir, expert_dirs = save_members(tmp_path, n=3)
+    model = _open(BTSForCausalLM.from_members(hub_dir, expert_dirs[:2], names=["a", "b"]))
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "text.txt").write_text("w1 w2 w3 w1 w4")
+    # the tiny members have no tokenizer: the gates command says so in one sentence
+    assert main(["gates", str(tmp_path / "m"), str(tmp_path / "text.txt"), "--out", str(tmp_path / "g")]) == 2
+    _word_tokenizer().save_pretrained(tmp_path / "m")
+    assert main(["gates", str(tmp_path / "m"), str(tmp_path / "text.txt"), "--layer", "2", "--out", str(tmp_path / "g")]) == 0
+    assert {"gates.json", "tokens.png", "layers.png", "gates.html"} <= {f.name for f in (tmp_path / "g").iterdir()}
+    assert (tmp_path / "g" / "gates.html").read_text().count("<span title=") == 5
+    assert main(["gates", str(tmp_path / "m"), "w1 w2", "--layer", "9", "--out", str(tmp_path / "g")]) == 2
+    assert main(["add-expert", str(tmp_path / "m"), expert_dirs[2], "--name", "c", "--out", str(tmp_path / "m3")]) == 0
+    assert main(["add-expert", str(tmp_path / "m"), expert_dirs[2], "--steps", "3", "--out", str(tmp_path / "x")]) == 2
+    assert main(["remove-expert", str(tmp_path / "m3"), "a", "--out", str(tmp_path / "m2")]) == 0
+    assert main(["remove-expert", str(tmp_path / "m3"), "zz", "--out", str(tmp_path / "m4")]) == 2
+    reduced = BTSForCausalLM.from_pretrained(tmp_path / "m2")
+    assert reduced.config.expert_names == ["b", "c"]
+    ids = _ids()
+    model.set_active_experts(["b"])
+    with torch.no_grad():  # c enters with presence 0, so (b, c) after removing a is b alone
+        assert (reduced(ids).logits - model(ids).logits).abs().max() <= 1e-4
+
+
+def test_gates_command_writes_views(tmp_path):
+    from bts.commands import gates
+
+    model, _ = _trained(2)
+    ids = _ids(1, 20)[0]
+    mass = gates.token_gates(model, ids)
+    assert mass.shape == (len(model.stitches), 20, 3)
+    tokens = [f"t{i}" for i in range(20)]
+    names = ["hub", "e0", "e1"]
+    gates.plot(mass, tokens, names, 1, list(model.config.stitch_kinds), tmp_path)
+    html = gates.to_html(mass[1], tokens, names, True, "t")
+    assert (tmp_path / "tokens.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "layers.png").stat().st_size
+    assert html.count("<span title=") == 20 and "e0" in html
