@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -174,6 +175,9 @@ def _coerce(hint, value, where: str):
     return float(value) if hint is float else value
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def _check(recipe: Recipe) -> None:
     def positive(value, where):
         if value <= 0:
@@ -194,6 +198,10 @@ def _check(recipe: Recipe) -> None:
             raise BTSError(f"{where}.dtype must be float32 or bfloat16 (got '{t.dtype}').")
     if not recipe.data.domains:
         raise BTSError("data.domains is empty: a recipe needs at least one domain.")
+    # Names become folder names (data/<domain>, models/expert-<domain>, runs/<name>): nothing may climb out.
+    for where, value in [("name", recipe.name), *(("data.domains key", d) for d in recipe.data.domains)]:
+        if not SAFE_NAME.fullmatch(value):
+            raise BTSError(f"{where} '{value}' must be letters, digits, '_', '-' or '.' and not start with '.'.")
     for name, spec in recipe.data.domains.items():
         if spec.source not in ("builtin", "fixture", "files", "hf"):
             raise BTSError(f"data.domains.{name}.source must be builtin, fixture, files or hf (got '{spec.source}').")
@@ -220,6 +228,15 @@ def _check(recipe: Recipe) -> None:
     if not 0 <= s.gate_dropout < 1:
         raise BTSError(f"stitch.gate_dropout must be in [0, 1) (got {s.gate_dropout}).")
     positive(s.num_stitches, "stitch.num_stitches")
+    if not recipe.seed_model.path:  # the layer count is known now: refuse a bad layout before any training
+        layers = recipe.seed_model.num_layers
+        if s.positions and (any(not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= layers
+                                for p in s.positions) or s.positions != sorted(set(s.positions))):
+            raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} "
+                           f"(seed_model.num_layers) (got {s.positions}).")
+        if not s.positions and s.num_stitches > layers:
+            raise BTSError(f"stitch.num_stitches must be at most seed_model.num_layers={layers} "
+                           f"(got {s.num_stitches}).")
     b = recipe.baselines
     from bts.baseline_stage import METHODS
 
