@@ -176,3 +176,15 @@ def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def warn0(msg: str) -> None:
     if is_main():
         print(f"bts: warning: {msg}", file=sys.stderr)
+
+
+# ---- launching ------------------------------------------------------------------------------------------------
+def expert_commands(recipe_arg: str, recipe, run_dir: str | None, overrides: list[str]) -> list[str]:
+    """One `bts run` command per expert stage: experts are independent jobs (each may itself be a torchrun job)
+    sharing the run directory; the seed stage must have finished first."""
+    import shlex
+    from pathlib import Path
+
+    root = str(Path(run_dir or recipe.run_dir or Path("runs") / recipe.name).resolve())
+    return [shlex.join(["bts", "run", recipe_arg, *overrides, "--stages", f"expert:{d}", "--run-dir", root])
+            for d in recipe.expert_domains]

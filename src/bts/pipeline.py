@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bts import corpora, faults
+from bts import corpora, distributed, faults
 from bts.atomic import atomic_write_json, atomic_write_text
 from bts.data import Batcher, eval_windows, heldout_loss, interleave, tokenize_stream
 from bts.errors import BTSError
@@ -42,10 +42,13 @@ from bts.train import train
 # errno values of a write that failed for reasons outside bts (disk full, quota, read-only or not a folder)
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EFBIG}
 STAGES = ("data", "tokenizer", "seed", "experts", "stitch", "baselines", "evaluate", "downstream", "report")
+# Under torchrun every rank runs these (they train); the other stages run on rank 0 while the rest wait.
+PARALLEL_STAGES = ("seed", "experts", "stitch", "baselines")
 
 
 def log(msg: str) -> None:
-    print(f"bts: {msg}", file=sys.stderr, flush=True)
+    if distributed.is_main():
+        print(f"bts: {msg}", file=sys.stderr, flush=True)
 
 
 def count_params(model) -> int:
@@ -76,14 +79,20 @@ class Run:
         log(f"stage {stage} …")
         yield info
         info["wall_s"] = round(time.perf_counter() - t0, 2)
+        if not distributed.is_main():  # rank 0 records the stage
+            return
         atomic_write_json(self.path("stages", f"{stage.replace(':', '-')}.json"), info)
         log(f"stage {stage} done in {info['wall_s']:.0f}s")
 
     @contextmanager
-    def lock(self):
-        """One process per run directory: a second one refuses instead of interleaving writes."""
+    def lock(self, name: str = "run"):
+        """One process per run directory: a second one refuses instead of interleaving writes (under torchrun,
+        rank 0 holds it for the job)."""
+        if not distributed.is_main():
+            yield
+            return
         self.root.mkdir(parents=True, exist_ok=True)
-        lock = self.path("run.lock")
+        lock = self.path(f"{name}.lock")
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -124,16 +133,25 @@ class Run:
         if unknown:
             raise BTSError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)} and expert:<domain>.")
         try:
-            with self.lock():
-                self.write_manifest()
+            distributed.init()  # joins the torchrun process group when launched by torchrun
+            # Expert-only jobs run side by side on one run directory (`bts run --print-expert-commands`): each
+            # takes its own lock.
+            experts_only = bool(only) and all(s.startswith("expert:") for s in wanted)
+            with self.lock("run-" + "-".join(sorted(wanted)).replace(":", "-") if experts_only else "run"):
+                if distributed.is_main():
+                    self.write_manifest()
                 t0 = time.perf_counter()
                 for stage in STAGES:
-                    if stage == "experts":
+                    if distributed.active() and stage not in PARALLEL_STAGES:
+                        if distributed.is_main() and stage in wanted:
+                            getattr(self, stage)()
+                    elif stage == "experts":
                         for d in self.recipe.expert_domains:
                             if "experts" in wanted or f"expert:{d}" in wanted:
                                 self.expert(d)
                     elif stage in wanted:
                         getattr(self, stage)()
+                    distributed.barrier()
                 log(f"finished in {time.perf_counter() - t0:.0f}s; run directory: {self.root}")
         except OSError as exc:
             if exc.errno not in WRITE_ERRNOS:
@@ -218,7 +236,7 @@ class Run:
                 stream = tokenize_stream(self.tokenizer(), self.texts(domain, split))
                 if len(stream) == 0:
                     raise BTSError(f"domain '{domain}' has an empty {split} split.")
-                tmp = cache.with_suffix(".tmp")
+                tmp = cache.with_suffix(f".tmp{os.getpid()}")  # ranks may tokenize at once
                 torch.save(stream, tmp)
                 os.replace(tmp, cache)
                 self._streams[key] = stream
@@ -258,8 +276,9 @@ class Run:
             batches = self.batcher({d: 1.0 for d in self.domains}, rs.train, salt=1)
             result = train(model, trainable, batches, rs.train, self.path("train", "seed"), desc="seed",
                            seed=self.recipe.seed)
-            model.save_pretrained(out)
-            tok.save_pretrained(out)
+            if distributed.is_main():
+                model.save_pretrained(out)
+                tok.save_pretrained(out)
             info.update(trained=True, params=count_params(model), tokens=result.tokens, train_wall_s=result.wall_s,
                         final_loss=result.final_loss)
 
@@ -279,8 +298,9 @@ class Run:
             result = train(model, trainable, self.batcher({domain: 1.0}, cfg, salt), cfg,
                            self.path("train", f"expert-{domain}"), desc=f"expert:{domain}", seed=self.recipe.seed)
             out = self.path("models", f"expert-{domain}")
-            model.save_pretrained(out)
-            self.tokenizer().save_pretrained(out)
+            if distributed.is_main():
+                model.save_pretrained(out)
+                self.tokenizer().save_pretrained(out)
             info.update(tokens=result.tokens, train_wall_s=result.wall_s, final_loss=result.final_loss,
                         params=count_params(model))
 
@@ -321,8 +341,9 @@ class Run:
 
             result = train(model, trainable, self.batcher(mix, cfg, salt=7), cfg, self.path("train", "stitch"),
                            desc="stitch", seed=self.recipe.seed, metrics_fn=gate_stats)
-            model.save_pretrained(self.path("models", "bts"))
-            self.tokenizer().save_pretrained(self.path("models", "bts"))
+            if distributed.is_main():
+                model.save_pretrained(self.path("models", "bts"))
+                self.tokenizer().save_pretrained(self.path("models", "bts"))
             info.update(tokens=result.tokens, train_wall_s=result.wall_s, final_loss=result.final_loss,
                         trainable_params=sum(p.numel() for p in trainable.values()), mix=mix)
 

@@ -15,10 +15,18 @@ def add_run_arguments(p):
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. stitch.train.steps=200")
     p.add_argument("--run-dir", help="output directory (default: runs/<recipe name>)")
     p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(STAGES)}, expert:<domain>")
+    p.add_argument("--print-expert-commands", action="store_true",
+                   help="print one `bts run … --stages expert:<domain>` command per expert (to launch as separate "
+                        "jobs, e.g. a Slurm array) and exit")
 
 
 def run(args, recipe_name=None):
     recipe = load_recipe(recipe_name or args.recipe, args.overrides)
+    if getattr(args, "print_expert_commands", False):
+        from bts.distributed import expert_commands
+
+        print("\n".join(expert_commands(recipe_name or args.recipe, recipe, args.run_dir, args.overrides)))
+        return 0
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     runner = Run(recipe, args.run_dir)
     results = runner.all(stages)
