@@ -170,18 +170,23 @@ def _coerce(hint, value, where: str):
         return value
     if hint is int and isinstance(value, bool) or hint is float and isinstance(value, bool):
         raise BTSError(f"{where} must be a number (got {value!r}).")
+    if hint is float and isinstance(value, str) and FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; every user means the number
     if not isinstance(value, expected):
         raise BTSError(f"{where} must be of type {hint.__name__} (got {value!r}).")
     return float(value) if hint is float else value
 
 
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _check(recipe: Recipe) -> None:
     def positive(value, where):
-        if value <= 0:
+        if not value > 0:  # also refuses nan
             raise BTSError(f"{where} must be positive (got {value}).")
+        if value == float("inf"):
+            raise BTSError(f"{where} must be finite (got {value}).")
 
     phases = {"seed_model.train": recipe.seed_model.train, "experts.train": recipe.experts.train,
               "stitch.train": recipe.stitch.train}
