@@ -92,7 +92,9 @@ def load_domain(name: str, spec=None, cache_dir: str | os.PathLike | None = None
     else:
         docs = _load_hf(name, s)
     if not docs:
-        raise BTSError(f"data.domains.{name}: source '{s['source']}' yielded no non-empty documents.")
+        what = {"files": s.get("files"), "hf": s.get("dataset")}.get(s["source"])  # name the value, not just the source
+        raise BTSError(f"data.domains.{name}: source '{s['source']}'{f' ({what})' if what else ''} yielded no "
+                       "non-empty documents.")
     return cap_documents(docs, s["max_chars"])
 
 
