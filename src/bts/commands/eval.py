@@ -55,7 +55,8 @@ def _tokenizer_source(model_dir: Path, override: str | None) -> Path:
     raise BTSError(f"tokenizer: '{model_dir}' holds no tokenizer; pass --tokenizer DIR.")
 
 
-def load_model_and_tokenizer(model_dir: str, tokenizer: str | None, dtype: str, device: str):
+def load_model_and_tokenizer(model_dir: str, tokenizer: str | None, dtype: str, device: str,
+                             max_length: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,6 +66,10 @@ def load_model_and_tokenizer(model_dir: str, tokenizer: str | None, dtype: str, 
     if not (folder / "config.json").is_file():
         raise BTSError(f"models: '{model_dir}' is not a model directory (no config.json).")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if max_length and limit and max_length > limit:  # positions past the trained range give garbage, not errors
+        raise BTSError(f"max-length {max_length} exceeds the context of '{model_dir}' "
+                       f"(max_position_embeddings={limit}).")
     source = _tokenizer_source(folder, tokenizer)
     try:
         tok = AutoTokenizer.from_pretrained(source)
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from bts.downstream.scoring import evaluate_tasks, markdown_table
-    from bts.downstream.tasks import ensure_tasks, parse_task_list
+    from bts.downstream.tasks import TASKS, ensure_tasks, parse_task_list
 
     tasks = parse_task_list(args.tasks)
     names = args.names or [Path(m).resolve().name for m in args.models]
@@ -94,9 +99,14 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise BTSError(f"threads must be >= 1 (got {args.threads}).")
         torch.set_num_threads(args.threads)
+    generative = any(TASKS[t].generative for t in tasks)
+    if generative and args.max_length is not None and args.max_new_tokens >= args.max_length:
+        raise BTSError(f"max-new-tokens ({args.max_new_tokens}) must be smaller than max-length "
+                       f"({args.max_length}), or no prompt token would fit.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     data_dir = Path(args.data_dir) if args.data_dir else ensure_tasks(tasks)  # download before loading models
-    loaders = {name: (lambda d=model_dir: load_model_and_tokenizer(d, args.tokenizer, args.dtype, device))
+    loaders = {name: (lambda d=model_dir: load_model_and_tokenizer(d, args.tokenizer, args.dtype, device,
+                                                                    args.max_length))
                for name, model_dir in zip(names, args.models)}
     start = time.perf_counter()
     section = evaluate_tasks(loaders, tasks, args.out, args.limit, args.fewshot, args.seed,
