@@ -169,3 +169,14 @@ def test_uneven_batch_split_is_refused():
         distributed.shard_batch(batch, 0, 2)
     rows = distributed.shard_batch({"input_ids": torch.arange(8).view(4, 2), "other": 5}, 1, 2)
     assert rows["input_ids"].tolist() == [[4, 5], [6, 7]] and rows["other"] == 5
+
+
+def test_expert_commands_one_per_expert(tmp_path):
+    from bts.recipe import load_recipe
+
+    recipe = load_recipe("demo")
+    lines = distributed.expert_commands("demo", recipe, str(tmp_path), ["stitch.train.steps=5"])
+    assert len(lines) == len(recipe.expert_domains)
+    for line, d in zip(lines, recipe.expert_domains):
+        assert line.startswith("bts run demo stitch.train.steps=5 ") and f"--stages expert:{d} " in line
+        assert line.endswith(f"--run-dir {tmp_path}")
