@@ -19,6 +19,7 @@ Layout of a run directory:
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import platform
@@ -33,7 +34,7 @@ import torch
 import yaml
 
 from bts import corpora, distributed, faults
-from bts.atomic import atomic_write_json, atomic_write_text
+from bts.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from bts.data import Batcher, eval_windows, heldout_loss, interleave, tokenize_stream
 from bts.errors import BTSError
 from bts.recipe import Recipe, recipe_to_dict
@@ -236,9 +237,9 @@ class Run:
                 stream = tokenize_stream(self.tokenizer(), self.texts(domain, split))
                 if len(stream) == 0:
                     raise BTSError(f"domain '{domain}' has an empty {split} split.")
-                tmp = cache.with_suffix(f".tmp{os.getpid()}")  # ranks may tokenize at once
-                torch.save(stream, tmp)
-                os.replace(tmp, cache)
+                buffer = io.BytesIO()
+                torch.save(stream, buffer)
+                atomic_write_bytes(cache, buffer.getvalue())  # a unique temp name: ranks may tokenize at once
                 self._streams[key] = stream
         return self._streams[key]
 
