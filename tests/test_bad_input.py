@@ -24,14 +24,12 @@ from bts import BTSError
 from bts.faults import run_cli
 
 
-def _files_domain(tmp: Path, name: str, content: bytes | str, *spec: str) -> list[str]:
+def _files_domain(tmp: Path, name: str, content: bytes | str) -> list[str]:
     """`bts run` over the tiny recipe with a second domain read from one user file."""
     f = tmp / name
     f.write_bytes(content if isinstance(content, bytes) else content.encode())
-    extra = ", ".join(spec)
-    return ["run", "smoke", *TINY,
-            f"data.domains={{code: {{source: fixture}}, mine: {{source: files, files: ['{f}'] {', ' + extra if extra else ''}}}}}",
-            "--run-dir", str(tmp / "run")]
+    domains = f"{{code: {{source: fixture}}, mine: {{source: files, files: ['{f}']}}}}"
+    return ["run", "smoke", *TINY, f"data.domains={domains}", "--run-dir", str(tmp / "run")]
 
 
 def _recipe(*overrides):
