@@ -27,8 +27,9 @@ from bts.recipe import load_recipe  # noqa: E402
 from bts.train import train  # noqa: E402
 
 DEFAULT_VARIANTS = [
-    "init=blend", "init=bias", "init=bias beta=2", "init=mixturekit", "init=default",
-    "expert_stream=raw", "gate_dropout=0.1", "lr=0.001", "lr=0.01", "all_e2h=true",
+    "init=blend", "init=blend lr=0.01", "init=blend lr=0.03", "init=bias lr=0.01", "init=bias beta=2 lr=0.01",
+    "init=mixturekit lr=0.01", "init=default lr=0.01",
+    "expert_stream=raw lr=0.01", "gate_dropout=0.1 lr=0.01", "all_e2h=true lr=0.01",
 ]
 
 

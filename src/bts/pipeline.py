@@ -294,7 +294,10 @@ class Run:
         with self.stage(stage) as info:
             cfg = self.recipe.experts.train
             model = AutoModelForCausalLM.from_pretrained(self.path("models", "seed"), dtype=torch.float32)
-            trainable = dict(model.named_parameters())
+            if not self.recipe.experts.train_embeddings:
+                model.get_input_embeddings().requires_grad_(False)
+                model.get_output_embeddings().requires_grad_(False)
+            trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
             salt = 100 + self.domains.index(domain)
             result = train(model, trainable, self.batcher({domain: 1.0}, cfg, salt), cfg,
                            self.path("train", f"expert-{domain}"), desc=f"expert:{domain}", seed=self.recipe.seed)

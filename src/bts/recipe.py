@@ -81,6 +81,9 @@ class SeedConfig:
 @dataclass
 class ExpertsConfig:
     domains: list = field(default_factory=list)  # empty: one expert per data domain
+    # False: continue pretraining the transformer blocks only, keeping the seed's embeddings and LM head. BTS never
+    # uses an expert's head, so what an expert learns there is lost to the stitched model (docs/ablations.md).
+    train_embeddings: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
