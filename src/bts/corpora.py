@@ -93,8 +93,8 @@ def load_domain(name: str, spec=None, cache_dir: str | os.PathLike | None = None
         docs = _load_hf(name, s)
     if not docs:
         what = {"files": s.get("files"), "hf": s.get("dataset")}.get(s["source"])  # name the value, not just the source
-        raise BTSError(f"data.domains.{name}: source '{s['source']}'{f' ({what})' if what else ''} yielded no "
-                       "non-empty documents.")
+        raise BTSError(f"data.domains.{name}: source '{s['source']}' yielded no non-empty documents"
+                       f"{f' (from {what})' if what else ''}.")
     return cap_documents(docs, s["max_chars"])
 
 
