@@ -27,7 +27,7 @@ class BTSConfig(PreTrainedConfig):
     stitch_init: str = "blend"
     stitch_beta: float = 8.0
     gate_dropout: float = 0.0
-    expert_stream: str = "projected"
+    expert_stream: str = "raw"
     members: list | None = None  # [{"name", "path", "sha256"}], hub first
     # Derived from base_config so generic HF code (generate's cache, lm-eval) sees the right numbers.
     num_hidden_layers: int | None = None

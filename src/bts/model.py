@@ -84,7 +84,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
     def from_members(cls, hub, experts, *, names: list[str] | None = None, hub_name: str = "hub",
                      num_stitches: int = 4, positions: list[int] | None = None, all_e2h: bool = False,
                      init: str = "blend", beta: float = 8.0, gate_dropout: float = 0.0,
-                     expert_stream: str = "projected", dtype: torch.dtype | None = None) -> "BTSForCausalLM":
+                     expert_stream: str = "raw", dtype: torch.dtype | None = None) -> "BTSForCausalLM":
         """Build a stitched model. hub / each expert: a model directory, a cached hub id, or a loaded model."""
         experts = list(experts) if isinstance(experts, (list, tuple)) else [experts]
         if not experts:

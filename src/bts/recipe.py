@@ -95,7 +95,7 @@ class StitchConfig:
     init: str = "blend"
     beta: float = 8.0
     gate_dropout: float = 0.0
-    expert_stream: str = "projected"
+    expert_stream: str = "raw"
     general_weight: float = 0.55  # share of the mix drawn from the general (seed-pretraining) data
     domain_weights: dict = field(default_factory=dict)  # domain -> weight of the rest; empty: equal
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -19,7 +19,7 @@ def add_arguments(p):
     p.add_argument("--init", choices=INITS, default="blend")
     p.add_argument("--beta", type=float, default=8.0, help="gate bias for --init bias")
     p.add_argument("--gate-dropout", type=float, default=0.0)
-    p.add_argument("--expert-stream", choices=EXPERT_STREAMS, default="projected")
+    p.add_argument("--expert-stream", choices=EXPERT_STREAMS, default="raw")
     p.add_argument("--export", action="store_true", help="copy the members in: one self-contained directory")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
 
