@@ -79,12 +79,28 @@ def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None) -> tuple[n
         raise BTSError(f"{role} '{spec}' has no readable config.json ({type(exc).__name__}).") from None
     hf.check_supported(config)
     weights_sha256(model_dir)  # refuses pickled-only checkpoints before anything loads
+    check_safetensors(model_dir, role)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, use_safetensors=True)
     except Exception as exc:
-        raise BTSError(f"{role} '{spec}' could not be loaded: {str(exc).splitlines()[0][:200]}") from None
+        reason = str(exc).splitlines()[0][:200].rstrip(".")
+        raise BTSError(f"{role} '{spec}' could not be loaded ({reason}).") from None
     model._bts_source_dir = str(model_dir)
     return model, str(model_dir)
+
+
+def check_safetensors(model_dir, role: str) -> None:
+    """Read every weight file's header (cheap): a truncated or corrupt file is named before anything loads."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt") as fh:
+                for key in fh.keys():
+                    fh.get_slice(key)
+        except Exception as exc:  # noqa: BLE001 - the library raises its own error types
+            reason = str(exc).splitlines()[0][:160].rstrip(".")
+            raise BTSError(f"{role} weights file '{f}' is corrupt or truncated ({reason}).") from None
 
 
 def tokenizer_fingerprint(model_dir: str | None) -> str | None:

@@ -19,6 +19,7 @@ import json
 import math
 import random
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
         rows.append((inp, tgt, min(len(t_ids), len(inp)), len(tokens) - 1 > max_len))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths together: less padding
     results: list[dict | None] = [None] * len(rows)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None or not sys.stderr.isatty(), leave=False):
         idx = order[start:start + batch_size]
         width = max(len(rows[i][0]) for i in idx)
         # Right padding, built by hand (whatever the tokenizer's padding_side): real tokens keep positions
@@ -126,7 +127,7 @@ def generate(model, tokenizer, prompts: list[str], stop: list[str], max_new_toke
     outputs: list[str | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     step = batch_size if hasattr(model, "generate") else 1
-    for start in tqdm(range(0, len(order), step), desc=desc, disable=desc is None, leave=False):
+    for start in tqdm(range(0, len(order), step), desc=desc, disable=desc is None or not sys.stderr.isatty(), leave=False):
         idx = order[start:start + step]
         if hasattr(model, "generate"):
             new = _hf_generate(model, tokenizer, [encoded[i] for i in idx], pad, eos, max_new_tokens, stop, device)
