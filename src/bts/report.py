@@ -98,17 +98,18 @@ def plot_training_curves(root: Path, out: Path) -> Path | None:
 def plot_heldout_bars(results: dict, out: Path) -> Path:
     domains = [*results["domains"], "mixed"]
     methods = list(results["methods"])
-    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(domains) * len(methods) / 4), 4.5))
+    fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(methods)
+    colours = plt.get_cmap("tab20").colors  # one distinct colour per method (the default cycle repeats after 10)
     for i, m in enumerate(methods):
         e = results["methods"][m]
         vals = [e["heldout_loss"][d] for d in results["domains"]] + [e.get("mixed_heldout_loss") or 0]
-        ax.bar([j + i * width for j in range(len(domains))], vals, width, label=m)
+        ax.bar([j + i * width for j in range(len(domains))], vals, width, label=m, color=colours[i % 20])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains))], domains)
     ax.set_ylabel("held-out loss (nats/token, lower is better)")
     lo = min(min(e["heldout_loss"].values()) for e in results["methods"].values())
     ax.set_ylim(bottom=max(0, lo - 0.5))
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=5, loc="upper left")
     ax.set_title("Held-out loss per domain and method")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
