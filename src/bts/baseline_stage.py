@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from bts.atomic import atomic_write_json
+from bts import distributed
 from bts.data import eval_windows, heldout_loss
 from bts.errors import BTSError
 from bts.train import train
@@ -80,7 +80,8 @@ def _build_merge(run, method: str) -> dict:
         params[key] = best
         chosen = {"sweep": {key: {str(v): round(s, 4) for v, s in scores.items()}}, "selected_on": "val"}
     model = merge_models(seed, experts, MERGES[method], **params)
-    save_merged(model, seed, run.path("models", method), force=True)
+    if distributed.is_main():  # under torchrun every rank builds it; rank 0 writes it
+        save_merged(model, seed, run.path("models", method), force=True)
     return {"params": params, **chosen}
 
 
@@ -96,7 +97,8 @@ def _train_btx(run, method: str) -> dict:
     counts = btx_parameter_counts(model)
     result = train(model, trainable, run.batcher(run.stitch_mix(), cfg, salt=7), cfg, run.path("train", method),
                    desc=method, seed=run.recipe.seed, step_hook=functools.partial(set_btx_step, model))
-    save_btx(model, run.path("models", method), force=True, tokenizer_from=seed)
+    if distributed.is_main():
+        save_btx(model, run.path("models", method), force=True, tokenizer_from=seed)
     return {"tokens": result.tokens, "train_wall_s": result.wall_s, "final_loss": result.final_loss,
             "trainable_params": counts["trainable"], "total_params": counts["total"], "active_params": counts["active"]}
 
@@ -106,8 +108,9 @@ def _build_btm(run) -> None:
     from bts.baselines.btm import BTMEnsemble
 
     seed, experts = _members(run)
-    BTMEnsemble.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains]).save_pretrained(
-        run.path("models", "btm"))
+    model = BTMEnsemble.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains])
+    if distributed.is_main():
+        model.save_pretrained(run.path("models", "btm"))
 
 
 def _train_routing(run) -> dict:
@@ -121,7 +124,8 @@ def _train_routing(run) -> dict:
     trainable = {f"router.{k}": p for k, p in model.router.named_parameters()}
     result = train(model, trainable, run.batcher(run.stitch_mix(), cfg, salt=7), cfg, run.path("train", "routing"),
                    desc="routing", seed=run.recipe.seed, loss_fn=routing_loss_fn)
-    model.save_pretrained(run.path("models", "routing"))
+    if distributed.is_main():
+        model.save_pretrained(run.path("models", "routing"))
     return {"tokens": result.tokens, "train_wall_s": result.wall_s, "final_loss": result.final_loss}
 
 
