@@ -405,3 +405,15 @@ def test_effective_mixing_weights_fold_in_the_blend():
             torch.testing.assert_close(w.sum(-2), torch.ones_like(w.sum(-2)))
         else:
             assert (w[..., 0, :] == 0).all() and (w.abs() <= 1).all()  # tanh(a) may be negative
+
+
+def test_prompt_longer_than_the_context_is_refused():
+    from helpers import tiny_members
+
+    hub, experts = tiny_members("llama", 1, max_position_embeddings=16)
+    model = BTSForCausalLM.from_members(hub, experts)
+    model(input_ids=torch.randint(3, 90, (1, 16)))  # exactly the context is fine
+    with pytest.raises(BTSError, match=r"input of 17 tokens is longer than the model's context \(max_position_embeddings=16\)"):
+        model(input_ids=torch.randint(3, 90, (1, 17)))
+    with pytest.raises(BTSError, match="longer than the model's context"):
+        model.generate(input_ids=torch.randint(3, 90, (1, 12)), max_new_tokens=8, do_sample=False)

@@ -149,8 +149,12 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = hf.new_cache(self.config)
         hub = hf.decoder_of(self.hub)
+        past = cache.get_seq_length() if cache is not None else 0
+        context = self.config.max_position_embeddings
+        if context and past + input_ids.shape[1] > context:  # rotary positions past training are silent garbage
+            raise BTSError(f"input of {past + input_ids.shape[1]} tokens is longer than the model's context "
+                           f"(max_position_embeddings={context}); shorten the prompt or max_new_tokens.")
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + past
         experts_in = self.experts if self._active is None else [self.experts[a] for a in self._active]
         states = [hub.embed_tokens(input_ids)] + [e.embed_tokens(input_ids) for e in experts_in]
