@@ -109,3 +109,9 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, args, fragment):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0] and lines[0].startswith("bts: error:")
     assert not out.exists() or not any(p for p in out.rglob("*") if p.name != "run.lock")
+
+
+def test_overrides_may_follow_options(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bts", "run", "smoke", "--run-dir", str(tmp_path / "r"),
+                           "stitch.train.stpes=3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "did you mean 'steps'" in proc.stderr
