@@ -40,20 +40,26 @@ class BTSConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         kwargs.setdefault("loss_type", "ForCausalLM")
         super().__post_init__(**kwargs)
-        base = self.base_config
-        n_layers = base.num_hidden_layers
+        n_layers = self.base_config.num_hidden_layers
         if self.stitch_positions is None:
             self.stitch_positions = stitch_positions(n_layers, min(4, n_layers))
         if self.stitch_kinds is None:
             self.stitch_kinds = stitch_kinds(len(self.stitch_positions))
         if self.expert_names is None:
             self.expert_names = [f"expert{i + 1}" for i in range(self.num_experts)]
-        base_types = list(getattr(base, "layer_types", None) or ["full_attention"] * n_layers)
-        self.num_hidden_layers = (self.num_experts + 1) * n_layers
-        self.layer_types = base_types * (self.num_experts + 1)
-        self.hidden_size = base.hidden_size
-        self.vocab_size = base.vocab_size
-        self.max_position_embeddings = getattr(base, "max_position_embeddings", None)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self, key, None) is None and getattr(base, key, None) is not None:
-                setattr(self, key, getattr(base, key))
+        derive_from_base(self, copies=self.num_experts + 1)
+
+
+def derive_from_base(config, copies: int) -> None:
+    """Set the fields generic HF code reads (generate's KV cache, lm-eval, special tokens) on a composite config
+    whose `copies` members all have the architecture of `config.base_config`."""
+    base = config.base_config
+    n_layers = base.num_hidden_layers
+    config.num_hidden_layers = copies * n_layers
+    config.layer_types = list(getattr(base, "layer_types", None) or ["full_attention"] * n_layers) * copies
+    config.hidden_size = base.hidden_size
+    config.vocab_size = base.vocab_size
+    config.max_position_embeddings = getattr(base, "max_position_embeddings", None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, key, None) is None and getattr(base, key, None) is not None:
+            setattr(config, key, getattr(base, key))

@@ -33,6 +33,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, Cache, DynamicCache,
 from transformers.configuration_utils import SubConfigSpec
 
 from bts import hf
+from bts.config import derive_from_base
 from bts.errors import BTSError
 from bts.members import Member, check_compatible, freeze, load_causal_lm, weights_sha256
 
@@ -124,18 +125,9 @@ class BTMConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         kwargs.setdefault("loss_type", "ForCausalLM")
         super().__post_init__(**kwargs)
-        base = self.base_config
         if self.members is not None:
             self.num_members = len(self.members)
-        n_layers = base.num_hidden_layers
-        self.num_hidden_layers = self.num_members * n_layers
-        self.layer_types = list(getattr(base, "layer_types", None) or ["full_attention"] * n_layers) * self.num_members
-        self.hidden_size = base.hidden_size
-        self.vocab_size = base.vocab_size
-        self.max_position_embeddings = getattr(base, "max_position_embeddings", None)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self, key, None) is None and getattr(base, key, None) is not None:
-                setattr(self, key, getattr(base, key))
+        derive_from_base(self, copies=self.num_members)
 
 
 def _check_options(num_members: int, prior, prior_type: str, top_k) -> None:
