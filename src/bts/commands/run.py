@@ -30,7 +30,9 @@ def run(args, recipe_name=None):
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     runner = Run(recipe, args.run_dir)
     results = runner.all(stages)
-    if results:
+    from bts import distributed
+
+    if results and distributed.is_main():  # under torchrun, rank 0 speaks for the job
         from bts.report import markdown_table, results_table
 
         print(markdown_table(*results_table(results)))
