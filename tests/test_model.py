@@ -417,3 +417,21 @@ def test_prompt_longer_than_the_context_is_refused():
         model(input_ids=torch.randint(3, 90, (1, 17)))
     with pytest.raises(BTSError, match="longer than the model's context"):
         model.generate(input_ids=torch.randint(3, 90, (1, 12)), max_new_tokens=8, do_sample=False)
+
+
+def test_members_given_by_relative_path_reload_from_anywhere(tmp_path, monkeypatch):
+    hub, experts = save_members(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    model = BTSForCausalLM.from_members("hub", ["e0", "e1"])
+    model.save_pretrained("stitched")
+    monkeypatch.chdir("/")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stitched")
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (tmp_path / "stitched" / "stitch.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask, oct(mode)  # follows the umask, not mkstemp's private 0600

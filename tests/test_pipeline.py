@@ -115,3 +115,12 @@ def test_overrides_may_follow_options(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bts", "run", "smoke", "--run-dir", str(tmp_path / "r"),
                            "stitch.train.stpes=3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "did you mean 'steps'" in proc.stderr
+
+
+def test_a_changed_recipe_is_refused_in_an_existing_run_dir(smoke_run):
+    run, _ = smoke_run
+    before = run.path("recipe.yaml").read_text()
+    proc = subprocess.run([sys.executable, "-m", "bts", "run", "smoke", "--run-dir", str(run.root),
+                           "stitch.train.steps=99"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "was made with stitch.train.steps=20, not 99" in proc.stderr
+    assert run.path("recipe.yaml").read_text() == before

@@ -14,6 +14,10 @@ from typing import Any
 from bts import faults
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -32,6 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results and weights follow the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -85,8 +85,9 @@ def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None) -> tuple[n
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200].rstrip(".")
         raise BTSError(f"{role} '{spec}' could not be loaded ({reason}).") from None
-    model._bts_source_dir = str(model_dir)
-    return model, str(model_dir)
+    # Recorded absolute: a saved stitched model must find its members from wherever it is loaded.
+    model._bts_source_dir = str(model_dir.resolve())
+    return model, model._bts_source_dir
 
 
 def check_safetensors(model_dir, role: str) -> None:

@@ -28,7 +28,7 @@ from bts import hf
 from bts.atomic import atomic_save_safetensors, atomic_write_json
 from bts.config import BTSConfig
 from bts.errors import BTSError
-from bts.members import Member, check_compatible, freeze, load_causal_lm, weights_sha256
+from bts.members import TOKENIZER_FILES, Member, check_compatible, freeze, load_causal_lm, weights_sha256
 from bts.stitch import E2H, EXPERT_STREAMS, INITS, StitchLayer, stitch_kinds, stitch_positions
 
 STITCH_WEIGHTS = "stitch.safetensors"
@@ -278,6 +278,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         config.save_pretrained(out)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(out)
+        _copy_tokenizer(self.config.members[0]["path"], out)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
@@ -326,6 +327,19 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.eval()
         return model
+
+
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def _copy_tokenizer(hub_dir: str | None, out: Path) -> None:
+    """The stitched model reads and writes the hub's tokens: ship the hub's tokenizer with it, if it has one."""
+    if not hub_dir or Path(hub_dir).resolve() == out.resolve():
+        return
+    for name in (*TOKENIZER_FILES, *TOKENIZER_SIDE_FILES):
+        src = Path(hub_dir) / name
+        if src.is_file() and not (out / name).exists():
+            shutil.copy2(src, out / name)
 
 
 def _copy_model_dir(src: Path, dst: Path) -> None:

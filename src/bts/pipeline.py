@@ -111,7 +111,15 @@ class Run:
             lock.unlink(missing_ok=True)
 
     def write_manifest(self) -> None:
-        atomic_write_text(self.path("recipe.yaml"), yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False))
+        current = recipe_to_dict(self.recipe)
+        stored = self.path("recipe.yaml")
+        if stored.exists():  # finished stages were made with that recipe: never mix two recipes in one run
+            diff = _first_difference(yaml.safe_load(stored.read_text()) or {}, current)
+            if diff is not None:
+                key, old, new = diff
+                raise BTSError(f"run directory '{self.root}' was made with {key}={old!r}, not {new!r}; "
+                               "use a new --run-dir (or delete this one) to run a changed recipe.")
+        atomic_write_text(stored, yaml.safe_dump(current, sort_keys=False))
         versions = {}
         for pkg in ("bts", "torch", "transformers", "tokenizers", "safetensors", "datasets"):
             try:
@@ -488,6 +496,17 @@ def _read_cached(path: Path) -> dict | None:
         pass
     log(f"warning: cached evaluation {path} is damaged; evaluating again")
     return None
+
+
+def _first_difference(old, new, prefix: str = ""):
+    """The first dotted key whose value differs between two nested dicts, with both values; None if equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (prefix.rstrip("."), old, new)
 
 
 def _alive(pid: int) -> bool:

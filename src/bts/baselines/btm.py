@@ -1,4 +1,4 @@
-"""BTM ensemble (Branch-Train-Merge, method.md §11): every member runs on every token and their next-token
+"""BTM ensemble (Branch-Train-Merge, arXiv 2208.03306): every member runs on every token and their next-token
 distributions are mixed by a Bayesian posterior over members.
 
     p(x_t | x_<t) = Σ_j p_j(x_t | x_<t) · P(j | x_<t),      P(j | x_<t) ∝ p_j(x_<t) · prior_j

@@ -1,4 +1,4 @@
-"""Weight-merge baselines (method.md §11): model soup, task arithmetic, TIES, DARE (linear and TIES).
+"""Weight-merge baselines (not in the BTS paper, which uses soup only): model soup, task arithmetic, TIES, DARE (linear and TIES).
 
 All merges work on the members' state dicts one tensor at a time, with τ_i = θ_i − θ_seed:
 

@@ -1,4 +1,4 @@
-"""Sequence-level expert routing (method.md §11): a linear router picks ONE member, the seed or an expert, for the
+"""Sequence-level expert routing (BTS paper §4 baselines): a linear router picks ONE member, the seed or an expert, for the
 whole sequence, from the mean input embedding (the seed's table) of its first tokens.
 
     router = SequenceRouter(hidden_size=d, num_members=m)            # d·m + m trainable parameters

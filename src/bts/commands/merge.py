@@ -13,7 +13,7 @@ HELP = "Merge a seed and its experts into one model (soup, task_arithmetic, ties
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from bts.baselines.merges import DARE_DROP_RATE, METHODS, TIES_DENSITY
 
-    p.add_argument("--method", required=True, choices=METHODS, help="merge method (method.md §11)")
+    p.add_argument("--method", required=True, choices=METHODS, help="merge method")
     p.add_argument("--seed", required=True, metavar="DIR", help="the seed model directory")
     p.add_argument("--experts", required=True, nargs="+", metavar="DIR", help="expert model directories")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory (must be empty or new)")
