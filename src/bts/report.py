@@ -162,7 +162,8 @@ def write_report(run) -> Path:
         plots["gates"] = plot_gate_heatmap(model, run.tokenizer(), torch.cat(pieces), bounds, out / "gates.png")
     provenance = {d: json.loads((root / "data" / d / "provenance.json").read_text())
                   for d in results["domains"] if (root / "data" / d / "provenance.json").exists()}
-    stages = {p.stem: json.loads(p.read_text()) for p in sorted((root / "stages").glob("*.json"))}
+    stages = {p.stem: json.loads(p.read_text())
+              for p in sorted((root / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime)}
     sections = build_sections(run, results, provenance, stages)
     md = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections)
     md = f"# bts report — {results.get('recipe', '')}\n\n{md}\n"
@@ -175,9 +176,13 @@ def write_report(run) -> Path:
 
 
 def build_sections(run, results, provenance, stages) -> list[tuple[str, str]]:
+    caveat = ""
+    if results.get("recipe") == "smoke":
+        caveat = ("\n\n**Smoke preset: a plumbing check on ~100 KB fixtures with a few dozen steps; its numbers are "
+                  "not meaningful. Run `bts demo` for the real comparison.**")
     sections = [("Held-out loss (nats/token; lower is better; best per column in bold)",
                  markdown_table(*results_table(results)) +
-                 "\n\n`mixed` is held-out text that switches domain every half window.")]
+                 "\n\n`mixed` is held-out text that switches domain every half window." + caveat)]
     sections.append(("Parameters and training cost", markdown_table(*params_table(results))))
     if "downstream" in results:
         from bts.downstream.scoring import markdown_table as downstream_table
@@ -192,7 +197,7 @@ def build_sections(run, results, provenance, stages) -> list[tuple[str, str]]:
         ["method", "data", "steps", "batch × seq", "peak lr", "tokens"], budget_rows(run, results, stages))))
     rows = [[s, f"{info.get('wall_s', 0):.0f}", _fmt_int(info.get("tokens")), f"{info['final_loss']:.3f}"
              if "final_loss" in info else "–"] for s, info in stages.items()]
-    sections.append(("Stages (every trained method's data, steps and tokens)",
+    sections.append(("Stages (wall time per stage, in the order they ran)",
                      markdown_table(["stage", "wall (s)", "train tokens", "final train loss"], rows)))
     return sections
 

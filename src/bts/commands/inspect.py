@@ -6,6 +6,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from bts.errors import BTSError
+from bts.members import weights_sha256
 from bts.stitch import E2H
 
 HELP = "print members, stitch layout, trainable vs frozen parameters and memory estimates of a stitched model"
@@ -43,13 +44,20 @@ def run(args):
     d, n = base["hidden_size"], cfg["num_experts"]
     print(f"bts model {root}: {base['model_type']}, {base['num_hidden_layers']} layers, d={d}, vocab {base['vocab_size']}")
     print("members:")
-    member_params = 0
+    member_params, problems = 0, []
     for m in cfg["members"]:
         path = Path(m["path"]) if Path(m["path"]).is_absolute() else root / m["path"]
         count = _count(path) if path.is_dir() else None
         member_params += count or 0
-        shown = f"{count:,}" if count is not None else "missing!"
-        print(f"  {m['name']:<16} {shown:>14} params (frozen)  {m['path']}  sha256 {str(m.get('sha256'))[:12]}")
+        state = ""
+        if count is None:
+            state = "  MISSING"
+            problems.append(f"'{m['name']}' is missing")
+        elif m.get("sha256") and weights_sha256(path) != m["sha256"]:
+            state = "  CHANGED since saved"
+            problems.append(f"'{m['name']}' has changed")
+        shown = f"{count:,}" if count is not None else "–"
+        print(f"  {m['name']:<16} {shown:>14} params (frozen)  {m['path']}  sha256 {str(m.get('sha256'))[:12]}{state}")
     print("stitch layers:")
     with safe_open(root / "stitch.safetensors", "pt") as fh:
         shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
@@ -67,6 +75,8 @@ def run(args):
         weights = member_params * width + stitch_total * 4
         print(f"memory, members in {name}: weights {_gib(weights)}; training adds {_gib(adam)} for stitch "
               f"gradients + AdamW (members hold none), plus activations")
+    if problems:
+        raise BTSError(f"member {', '.join(problems)}; this stitched model will not load until it is restored.")
     return 0
 
 
