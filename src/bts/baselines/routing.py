@@ -28,6 +28,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from bts.atomic import atomic_save_safetensors
 from bts.baselines.btm import (as_batch, load_member_set, member_manifest, positions_from_mask, reload_members,
                                save_member_manifest, token_logprobs)
+from bts.config import derive_from_base
 from bts.errors import BTSError
 from bts.members import freeze
 
@@ -155,7 +156,8 @@ class RoutedConfig(PreTrainedConfig):
     base_config: dict | PreTrainedConfig | None = None
     members: list | None = None  # [{"name", "path", "sha256"}], seed first
     num_members: int = 1
-    num_hidden_layers: int | None = None  # one member runs per sequence
+    num_hidden_layers: int | None = None
+    layer_types: list | None = None
     hidden_size: int | None = None
     vocab_size: int | None = None
     max_position_embeddings: int | None = None
@@ -164,16 +166,9 @@ class RoutedConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         kwargs.setdefault("loss_type", "ForCausalLM")
         super().__post_init__(**kwargs)
-        base = self.base_config
         if self.members is not None:
             self.num_members = len(self.members)
-        self.num_hidden_layers = base.num_hidden_layers
-        self.hidden_size = base.hidden_size
-        self.vocab_size = base.vocab_size
-        self.max_position_embeddings = getattr(base, "max_position_embeddings", None)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self, key, None) is None and getattr(base, key, None) is not None:
-                setattr(self, key, getattr(base, key))
+        derive_from_base(self, copies=1)  # one member runs per sequence
 
 
 class RoutedModel(PreTrainedModel, GenerationMixin):
