@@ -76,7 +76,8 @@ def html_table(header, rows) -> str:
 
 # ---- plots -------------------------------------------------------------------------------------------------
 def plot_training_curves(root: Path, out: Path) -> Path | None:
-    files = sorted((root / "train").glob("*/metrics.jsonl"))
+    # Language-model losses only: the routing baseline logs its router's classification loss, another quantity.
+    files = [f for f in sorted((root / "train").glob("*/metrics.jsonl")) if f.parent.name != "routing"]
     if not files:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -86,7 +87,7 @@ def plot_training_curves(root: Path, out: Path) -> Path | None:
             ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=f.parent.name)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title("Training loss per stage")
+    ax.set_title("Training loss per stage (language-model loss; the router's own loss is in train/routing)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

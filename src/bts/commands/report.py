@@ -15,6 +15,8 @@ def add_arguments(p):
 
 def run(args):
     root = Path(args.run_dir)
+    if not (root / "recipe.yaml").exists():
+        raise BTSError(f"'{root}' is not a bts run directory (no recipe.yaml).")
     if not (root / "results.json").exists():
         raise BTSError(f"'{root}' has no results.json; run the evaluate stage first.")
     runner = Run(load_recipe(str(root / "recipe.yaml")), root)
