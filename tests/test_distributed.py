@@ -41,9 +41,8 @@ def btx():
 
     hub, experts = tiny_members("llama", 2, num_hidden_layers=2)
     model = build_btx(hub, experts, routing="top2", seed_rng=0)
-    # Load balancing is a product of batch means, computed per rank (as Megatron and HF do); without it the
-    # loss is a mean over tokens and must match the 1-process run exactly.
-    model.config.router_aux_loss_coef = 0.0
+    # BTX's load balancing (α = 0.01) is on: its batch means are taken over the global batch, so it matches too.
+    assert model.config.router_aux_loss_coef == 0.01
     return model, btx_trainable_parameters(model, "full"), {"step_hook": functools.partial(set_btx_step, model)}
 
 

@@ -101,17 +101,35 @@ class BTXRouter(MixtralTopKRouter):
 
 
 def load_balancing_loss(routed: list[tuple[torch.Tensor, torch.Tensor]], attention_mask=None) -> torch.Tensor:
-    """Sum over layers of N * sum_i u_i * p_i (BTX), padding positions excluded when a 2-D mask is given."""
+    """Sum over layers of N * sum_i u_i * p_i (BTX), padding positions excluded when a 2-D mask is given.
+    Under torchrun the batch means u and p are taken over the global batch, so the loss and its gradient equal
+    the one-process run's."""
     total = 0.0
     for g, probs in routed:
         rows, n = probs.shape
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.numel() == rows:
             w = attention_mask.reshape(-1, 1).to(probs)
-            u, p = (g * w).sum(0) / w.sum().clamp_min(1), (probs * w).sum(0) / w.sum().clamp_min(1)
         else:
-            u, p = g.mean(0), probs.mean(0)
+            w = torch.ones(rows, 1, dtype=probs.dtype, device=probs.device)
+        count = w.sum()
+        u, p = _global_mean((g * w).sum(0), count), _global_mean((probs * w).sum(0), count)
         total = total + n * (u * p).sum()
     return total
+
+
+def _global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+    """Mean over every rank's rows. The value is global; the gradient flows through this rank's rows only, scaled by
+    the world size because the training loop averages gradients over ranks (so their sum is the global gradient)."""
+    from bts import distributed
+
+    if not distributed.active():
+        return local_sum / local_count.clamp_min(1)
+    world = distributed.world()
+    total, count = local_sum.detach().clone(), local_count.detach().clone()
+    torch.distributed.all_reduce(total)
+    torch.distributed.all_reduce(count)
+    local = local_sum * world / count.clamp_min(1)
+    return local + (total / count.clamp_min(1) - local).detach()
 
 
 class BTXForCausalLM(MixtralForCausalLM):
