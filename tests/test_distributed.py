@@ -56,7 +56,7 @@ def routing():
 
 PHASES = {"plain": plain, "stitched": stitched, "btx": btx, "routing": routing}
 # (phase, mode) pairs trained from scratch in 2 processes
-RUNS = [("plain", "ddp"), ("plain", "fsdp2"), ("stitched", "ddp"), ("stitched", "fsdp2"), ("btx", "ddp"),
+RUNS = [("plain", "ddp"), ("plain", "fsdp2"), ("stitched", "ddp"), ("stitched", "fsdp2"), ("btx", "ddp"), ("btx", "fsdp2"),
         ("routing", "ddp")]
 # checkpoints across process counts: (phase, mode) for 2 -> 1 and 1 -> 2
 MOVES = [("plain", "fsdp2"), ("stitched", "ddp")]
