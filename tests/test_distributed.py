@@ -56,8 +56,8 @@ def routing():
 
 PHASES = {"plain": plain, "stitched": stitched, "btx": btx, "routing": routing}
 # (phase, mode) pairs trained from scratch in 2 processes
-RUNS = [("plain", "ddp"), ("plain", "fsdp2"), ("stitched", "ddp"), ("stitched", "fsdp2"), ("btx", "ddp"), ("btx", "fsdp2"),
-        ("routing", "ddp")]
+RUNS = [("plain", "ddp"), ("plain", "fsdp2"), ("stitched", "ddp"), ("stitched", "fsdp2"), ("btx", "ddp"),
+        ("btx", "fsdp2"), ("routing", "ddp"), ("routing", "fsdp2")]
 # checkpoints across process counts: (phase, mode) for 2 -> 1 and 1 -> 2
 MOVES = [("plain", "fsdp2"), ("stitched", "ddp")]
 
@@ -66,7 +66,8 @@ def batcher():
     gen = torch.Generator().manual_seed(0)
     streams = {"a": torch.randint(3, VOCAB, (2000,), generator=gen),
                "b": torch.randint(3, VOCAB, (2000,), generator=gen)}
-    return Batcher(streams, {"a": 0.5, "b": 0.5}, seq_len=16, batch_size=4, grad_accum=2, seed=3)
+    # seq_len 40 > 32: the routing phase then draws real prefix lengths t ~ U[32, 256] (clipped to 40)
+    return Batcher(streams, {"a": 0.5, "b": 0.5}, seq_len=40, batch_size=4, grad_accum=2, seed=3)
 
 
 def cfg(steps=4):

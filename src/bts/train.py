@@ -163,7 +163,7 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
     """Train `trainable` (a subset of model's parameters) for cfg.steps; resume from out_dir/ckpt if present.
     parallel: "ddp" | "fsdp2" under torchrun (default $BTS_PARALLEL, else ddp); ignored in a single process."""
     mode = distributed.parallel_mode(parallel)
-    if mode == "fsdp2" and loss_fn is not default_loss:
+    if mode == "fsdp2" and loss_fn is not default_loss and not getattr(loss_fn, "through_forward", False):
         # A custom loss may call submodules directly, past the root FSDP unit's unshard hook; replicas are safe.
         distributed.warn0(f"{desc}: a custom loss runs with ddp, not fsdp2 (FSDP2 needs the loss to go through "
                           "model.forward).")

@@ -63,8 +63,12 @@ def mean_prefix_embedding(embed: nn.Module, input_ids, attention_mask=None, leng
 
 def sample_prefix_lengths(attention_mask, generator: torch.Generator | None = None,
                           low: int = PREFIX_RANGE[0], high: int = PREFIX_RANGE[1]) -> torch.Tensor:
-    """t ~ U[low, high] per sequence (inclusive), clipped to the sequence's real length."""
-    t = torch.randint(low, high + 1, (attention_mask.shape[0],), generator=generator)
+    """t ~ U[low, high] per sequence (inclusive), clipped to the sequence's real length. Under torchrun each rank
+    draws the lengths of the whole global batch and keeps its own rows, so the draws equal a 1-process run's."""
+    from bts import distributed
+
+    rows, rank, world = attention_mask.shape[0], distributed.rank(), distributed.world()
+    t = torch.randint(low, high + 1, (rows * world,), generator=generator)[rank * rows:(rank + 1) * rows]
     return torch.minimum(t.to(attention_mask.device), attention_mask.long().sum(-1))
 
 
@@ -110,8 +114,13 @@ def router_loss(router: SequenceRouter, members, input_ids, attention_mask=None,
 
 def routing_loss_fn(model: "RoutedModel", batch: dict) -> torch.Tensor:
     """`loss_fn` for bts.train.train: the prefix lengths come from the global RNG, which that loop seeds and
-    checkpoints, so a resumed run draws the same t."""
-    return router_loss(model.router, list(model.members), batch["input_ids"], batch.get("attention_mask"))
+    checkpoints, so a resumed run draws the same t. It goes through model.forward (return_router_loss=True), so FSDP2's
+    hooks on the root module gather the router and the members' shared weights first."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 return_router_loss=True).loss
+
+
+routing_loss_fn.through_forward = True  # bts.train may shard the model with FSDP2 for this loss
 
 
 def train_router(router: SequenceRouter, members, batches, steps: int, lr: float = 5e-4, seed: int = 0) -> list:
@@ -231,11 +240,14 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
         return self.router(features).argmax(-1)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, choice=None,
-                inputs_embeds=None, **kwargs):
+                inputs_embeds=None, return_router_loss: bool = False, **kwargs):
         """Each row's logits (and the loss) from its chosen member. `choice` [B] overrides the router, e.g. to
-        route on a context but score context + continuation. No KV cache: `generate` hands decoding to the member."""
+        route on a context but score context + continuation. No KV cache: `generate` hands decoding to the member.
+        return_router_loss=True instead returns the router's training loss (see `router_loss`) as `.loss`."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("RoutedModel needs input_ids: routing reads the seed's embedding of the tokens.")
+        if return_router_loss:
+            return CausalLMOutput(loss=router_loss(self.router, list(self.members), input_ids, attention_mask))
         for key in ("cache", "past_key_values"):
             if kwargs.pop(key, None) is not None:
                 raise ValueError("RoutedModel.forward keeps no cache; use generate(), which decodes with the member.")
