@@ -68,7 +68,7 @@ def test_report_and_run_directory(smoke_run):
               "report/gates.png", "recipe.yaml", "env.json", "models/bts/stitch.safetensors"):
         assert run.path(f).is_file(), f
     md = run.path("report/report.md").read_text()
-    assert "| bts |" in md and "license" in md.lower()
+    assert "| bts |" in md and "license" in md.lower() and "Who feeds the hub, per domain" in md
     assert not run.path("run.lock").exists()
     stitch_metrics = [json.loads(x) for x in run.path("train/stitch/metrics.jsonl").read_text().splitlines()]
     assert "gates" in stitch_metrics[-1] and stitch_metrics[-1]["tok_per_s"] > 0

@@ -161,11 +161,20 @@ def write_report(run) -> Path:
             bounds.append((pos, d))
             pos += chunk
         plots["gates"] = plot_gate_heatmap(model, run.tokenizer(), torch.cat(pieces), bounds, out / "gates.png")
+        from bts.data import eval_windows
+        from bts.modularity import gate_table
+
+        windows = {d: eval_windows(run.stream(d, "heldout"), run.recipe.data.seq_len, 8 * run.recipe.data.seq_len)
+                   for d in run.domains}
+        gates = gate_table(model, windows)
     provenance = {d: json.loads((root / "data" / d / "provenance.json").read_text())
                   for d in results["domains"] if (root / "data" / d / "provenance.json").exists()}
     stages = {p.stem: json.loads(p.read_text())
               for p in sorted((root / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime)}
     sections = build_sections(run, results, provenance, stages)
+    if "bts" in results["methods"]:
+        sections.insert(2, ("Who feeds the hub, per domain (mean mixing weight at each E→H stitch on held-out text; "
+                            "the matching expert should lead among the experts)", gate_markdown(gates)))
     md = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections)
     md = f"# bts report — {results.get('recipe', '')}\n\n{md}\n"
     for key, label in (("curves", "Training loss"), ("bars", "Held-out loss"), ("gates", "Gates")):
@@ -201,6 +210,19 @@ def build_sections(run, results, provenance, stages) -> list[tuple[str, str]]:
     sections.append(("Stages (wall time per stage, in the order they ran)",
                      markdown_table(["stage", "wall (s)", "train tokens", "final train loss"], rows)))
     return sections
+
+
+def gate_markdown(table: dict) -> str:
+    """Rows = (domain, stitch), columns = members; the largest expert weight of each row in bold."""
+    first = next(iter(table.values()))
+    members = list(next(iter(first.values())))
+    rows = []
+    for domain, layers in table.items():
+        for layer, weights in layers.items():
+            top = max(members[1:], key=lambda m: weights[m])
+            rows.append([f"{domain} ({layer})"] + [f"**{weights[m]:.3f}**" if m == top else f"{weights[m]:.3f}"
+                                                  for m in members])
+    return markdown_table(["held-out text (stitch)", *members], rows)
 
 
 def budget_rows(run, results, stages) -> list[list[str]]:
