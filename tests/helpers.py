@@ -51,3 +51,16 @@ def save_members(tmp_path, arch="llama", n=2, **overrides):
         e.save_pretrained(tmp_path / f"e{i}")
         paths.append(str(tmp_path / f"e{i}"))
     return str(tmp_path / "hub"), paths
+
+
+def random_ids(b=2, t=12, seed=0):
+    return torch.randint(3, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def open_stitches(model, seed=0, scale=0.3):
+    """Randomise every stitch parameter so the model is far from the hub (tests must not rely on the init)."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.stitch_parameters():
+        p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model

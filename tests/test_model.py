@@ -7,26 +7,13 @@ import shutil
 
 import pytest
 import torch
-from helpers import VOCAB, save_members, tiny_members
+from helpers import VOCAB, open_stitches, random_ids, save_members, tiny_members
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import bts  # noqa: F401  (registers model_type "bts" with the Auto classes)
 from bts import BTSError, BTSForCausalLM, StitchLayer
 from bts.stitch import E2H, H2E, stitch_kinds, stitch_positions
-
-
-def _ids(b=2, t=12, seed=0):
-    return torch.randint(3, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def _open(model, seed=0, scale=0.3):
-    """Randomise every stitch parameter so the model is far from the hub (tests must not rely on init)."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.stitch_parameters():
-        p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def _stitched(arch="llama", n=2, **kw):
@@ -54,14 +41,14 @@ def _train_steps(model, ids, steps, lr=1e-2):
 @torch.no_grad()
 def test_blend_init_is_the_hub(arch, n):
     hub, model = _stitched(arch, n)
-    ids = _ids()
+    ids = random_ids()
     assert (model(ids).logits - hub(ids).logits).abs().max() <= 1e-4
 
 
 @torch.no_grad()
 def test_bias_init_matches_hub_only_within_tolerance_and_mixturekit_does_not():
     hub, experts = tiny_members("llama", 3)
-    ids = _ids()
+    ids = random_ids()
     ref = hub(ids).logits
     for beta, tol in [(8.0, 1e-4), (30.0, 1e-6)]:  # measured: 8e-8 at beta 8, 0.0 at beta 30
         model = BTSForCausalLM.from_members(hub, experts, init="bias", beta=beta).eval()
@@ -74,7 +61,7 @@ def test_bias_init_matches_hub_only_within_tolerance_and_mixturekit_does_not():
 # ---- gradients -------------------------------------------------------------------------------------------------------
 def test_blend_init_has_live_gradients():
     hub, model = _stitched("llama", 2)  # 4 layers, stitches H→E, E→H, H→E, E→H
-    ids = _ids()
+    ids = random_ids()
     with torch.no_grad():
         before = model(ids).logits
     _, grads = _train_steps(model, ids, 3)
@@ -96,7 +83,7 @@ def test_blend_init_has_live_gradients():
 
 def test_saturated_bias_init_barely_trains():
     hub, model = _stitched("llama", 2, init="bias", beta=8.0)
-    ids = _ids()
+    ids = random_ids()
     with torch.no_grad():
         before = model(ids).logits
     _, grads = _train_steps(model, ids, 3)
@@ -111,8 +98,8 @@ def test_saturated_bias_init_barely_trains():
 @torch.no_grad()
 def test_causal_with_open_stitches(stream):
     _, model = _stitched("mistral", 3, expert_stream=stream)
-    _open(model)
-    ids = _ids(1, 10)
+    open_stitches(model)
+    ids = random_ids(1, 10)
     base = model(ids).logits
     for t in (0, 4, 8):
         changed = ids.clone()
@@ -128,7 +115,7 @@ def test_training_changes_only_stitches():
     member_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("stitches.")}
     stitch_before = {k: v.clone() for k, v in model.stitches.state_dict().items()}
     assert not any(p.requires_grad for m in model.members() for p in m.parameters())
-    opt, _ = _train_steps(model, _ids(), 4)
+    opt, _ = _train_steps(model, random_ids(), 4)
     held = {id(p) for group in opt.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.stitch_parameters()}
     after = model.state_dict()
@@ -156,7 +143,7 @@ def test_no_autograd_before_first_stitch_and_dead_expert_blocks_skipped():
             layer.register_forward_hook(record((m, i)))
     first = model.stitches[0]
     first.register_forward_pre_hook(lambda _mod, args: seen.__setitem__("stitch0", [a.requires_grad for a in args]))
-    model(_ids(), labels=_ids()).loss.backward()
+    model(random_ids(), labels=random_ids()).loss.backward()
     for m in range(3):
         for i in range(2):  # blocks before the first stitch: plain frozen inference, no graph
             assert seen[(m, i)] == (False, None), (m, i)
@@ -179,8 +166,8 @@ def _greedy_by_hand(model, ids, mask, steps):
 
 def test_generate_matches_hand_written_greedy_with_left_padding():
     _, model = _stitched("llama", 2)
-    _open(model, scale=0.1)
-    ids = _ids(3, 8)
+    open_stitches(model, scale=0.1)
+    ids = random_ids(3, 8)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left-padded prompts of different lengths
     mask[2, :5] = 0
@@ -198,7 +185,7 @@ def test_generate_at_init_equals_hub_and_stops_at_eos():
     hub, model = _stitched("qwen2", 3)
     assert model.config.eos_token_id == 2 and model.config.pad_token_id == 0
     assert model.generation_config.eos_token_id == 2
-    ids = _ids(1, 6)
+    ids = random_ids(1, 6)
     free = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert torch.equal(free, hub.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None))
     stop = int(free[0, 6 + 3])  # make the 4th generated token the eos
@@ -215,8 +202,8 @@ def test_bf16_members_fp32_stitches(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.stitch_parameters())
     model.to(torch.bfloat16)  # a blanket cast must not touch the stitches
     assert all(p.dtype == torch.float32 for p in model.stitch_parameters())
-    _, grads = _train_steps(model, _ids(), 2)
-    assert torch.isfinite(model(_ids()).logits).all()
+    _, grads = _train_steps(model, random_ids(), 2)
+    assert torch.isfinite(model(random_ids()).logits).all()
     assert all(g.dtype == torch.float32 for g in grads[-1].values())
     assert all(p.dtype == torch.float32 for p in model.stitch_parameters())
 
@@ -224,7 +211,7 @@ def test_bf16_members_fp32_stitches(tmp_path):
 # ---- save / load ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _same_behaviour(a, b):
-    ids = _ids(2, 7)
+    ids = random_ids(2, 7)
     assert torch.equal(a(ids).logits, b(ids).logits)
     kw = dict(max_new_tokens=5, do_sample=False)
     assert torch.equal(a.generate(ids, **kw), b.generate(ids, **kw))
@@ -232,7 +219,7 @@ def _same_behaviour(a, b):
 
 def test_save_load_round_trip_from_member_dirs(tmp_path):
     hub_dir, expert_dirs = save_members(tmp_path, "mistral", 2)
-    model = _open(BTSForCausalLM.from_members(hub_dir, expert_dirs).eval())
+    model = open_stitches(BTSForCausalLM.from_members(hub_dir, expert_dirs).eval())
     model.save_pretrained(tmp_path / "out")
     files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert files == ["config.json", "generation_config.json", "stitch.safetensors"]  # no member weights
@@ -244,7 +231,7 @@ def test_save_load_round_trip_from_member_dirs(tmp_path):
 
 def test_in_memory_members_are_written_and_export_is_self_contained(tmp_path):
     hub, experts = tiny_members("qwen2", 2)
-    model = _open(BTSForCausalLM.from_members(hub, experts, names=["code", "math"]).eval())
+    model = open_stitches(BTSForCausalLM.from_members(hub, experts, names=["code", "math"]).eval())
     model.save_pretrained(tmp_path / "mem")
     for name in ("hub", "code", "math"):
         assert (tmp_path / "mem" / "members" / name / "model.safetensors").exists()
@@ -252,7 +239,7 @@ def test_in_memory_members_are_written_and_export_is_self_contained(tmp_path):
 
     src = tmp_path / "src"
     hub_dir, expert_dirs = save_members(src, "llama", 2)
-    model = _open(BTSForCausalLM.from_members(hub_dir, expert_dirs).eval())
+    model = open_stitches(BTSForCausalLM.from_members(hub_dir, expert_dirs).eval())
     model.save_pretrained(tmp_path / "export", export_members=True)
     shutil.rmtree(src)  # the original member dirs are gone: the export must not need them
     _same_behaviour(model, BTSForCausalLM.from_pretrained(tmp_path / "export"))
@@ -284,7 +271,7 @@ def test_tampered_member_and_truncated_stitches_are_refused(tmp_path):
 
 def test_reloaded_export_can_be_saved_again_and_moved(tmp_path):
     hub_dir, expert_dirs = save_members(tmp_path / "src", "llama", 2)
-    model = _open(BTSForCausalLM.from_members(hub_dir, expert_dirs).eval())
+    model = open_stitches(BTSForCausalLM.from_members(hub_dir, expert_dirs).eval())
     model.save_pretrained(tmp_path / "export", export_members=True)
     loaded = BTSForCausalLM.from_pretrained(tmp_path / "export")
     loaded.save_pretrained(tmp_path / "elsewhere")  # refers back to export/members/*
@@ -296,8 +283,8 @@ def test_reloaded_export_can_be_saved_again_and_moved(tmp_path):
 # ---- introspection and layout ---------------------------------------------------------------------------------------
 def test_gate_values_shapes_and_normalisation():
     _, model = _stitched("llama", 3)
-    _open(model)
-    gates = model.gate_values(_ids(2, 9))
+    open_stitches(model)
+    gates = model.gate_values(random_ids(2, 9))
     assert len(gates) == len(model.stitches) == 4
     for g, kind in zip(gates, model.config.stitch_kinds):
         assert g.shape == (2, 9, 4, 32) and not g.requires_grad
@@ -375,12 +362,12 @@ def test_stitch_equations_by_hand(init, kind, stream):
 @torch.no_grad()
 def test_expert_stream_option_matters_once_projections_train():
     hub, experts = tiny_members("llama", 2)
-    ids = _ids()
+    ids = random_ids()
     outs = {}
     for stream in ("projected", "raw"):
         model = BTSForCausalLM.from_members(hub, experts, positions=[1, 2, 3, 4], all_e2h=True,
                                             expert_stream=stream).eval()
-        outs[stream] = _open(model, seed=1)(ids).logits
+        outs[stream] = open_stitches(model, seed=1)(ids).logits
     assert (outs["projected"] - outs["raw"]).abs().max() > 1e-4
 
 

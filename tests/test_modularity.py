@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VOCAB, save_members, tiny_members
+from helpers import open_stitches, random_ids, save_members, tiny_members
 
 import bts  # noqa: F401
 from bts import BTSError, BTSForCausalLM
@@ -15,23 +15,10 @@ from bts.recipe import TrainConfig
 from bts.stitch import E2H
 
 
-def _ids(b=2, t=12, seed=0):
-    return torch.randint(3, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def _open(model, seed=0, scale=0.3):
-    """Move every stitch parameter far from its init, so nothing below relies on the identity start."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.stitch_parameters():
-        p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def _trained(n=3, init="blend", **kw):
     hub, experts = tiny_members("llama", n)
     names = [f"e{i}" for i in range(n)]
-    return _open(BTSForCausalLM.from_members(hub, experts, names=names, init=init, **kw).eval()), experts
+    return open_stitches(BTSForCausalLM.from_members(hub, experts, names=names, init=init, **kw).eval()), experts
 
 
 # ---- add ----------------------------------------------------------------------------------------------------------
@@ -39,7 +26,7 @@ def _trained(n=3, init="blend", **kw):
 def test_add_expert_keeps_outputs_and_has_live_gradients(init):
     model, experts = _trained(3, init=init)
     small = remove_expert(model, "e2")  # a 2-expert model; e2 comes back as the new one
-    ids = _ids()
+    ids = random_ids()
     with torch.no_grad():
         ref = small(ids).logits
     grown = add_expert(small, experts[2], name="new")
@@ -57,7 +44,7 @@ def test_training_only_new_slots_leaves_every_other_entry_bit_identical(tmp_path
     grown = add_expert(remove_expert(model, "e2"), experts[2], name="new")
     before = {k: v.clone() for k, v in grown.stitches.state_dict().items()}
     masks = _new_slot_masks(grown, "new")
-    ids = _ids()
+    ids = random_ids()
     cfg = TrainConfig(steps=3, lr=1e-2, warmup=1, batch_size=2, log_every=1, ckpt_every=10, weight_decay=0.1)
     train_stitches(grown, lambda step: [{"input_ids": ids, "labels": ids}], cfg, tmp_path / "t", only="new")
     after = grown.stitches.state_dict()
@@ -75,7 +62,7 @@ def test_training_only_new_slots_leaves_every_other_entry_bit_identical(tmp_path
 
 def test_added_model_round_trips_through_save(tmp_path):
     hub_dir, expert_dirs = save_members(tmp_path, n=3)
-    model = _open(BTSForCausalLM.from_members(hub_dir, expert_dirs[:2]))
+    model = open_stitches(BTSForCausalLM.from_members(hub_dir, expert_dirs[:2]))
     grown = add_expert(model, expert_dirs[2], name="third")
     with torch.no_grad():
         for s in grown.stitches:
@@ -83,7 +70,7 @@ def test_added_model_round_trips_through_save(tmp_path):
                 s.presence[3].fill_(0.5)  # as if trained
     grown.save_pretrained(tmp_path / "grown")
     loaded = BTSForCausalLM.from_pretrained(tmp_path / "grown")
-    ids = _ids()
+    ids = random_ids()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, grown.eval()(ids).logits)
 
@@ -93,7 +80,7 @@ def test_remove_expert_renormalises_and_is_usable():
     model, _ = _trained(3)
     reduced = remove_expert(model, "e1")
     assert reduced.config.expert_names == ["e0", "e2"] and reduced.config.num_experts == 2
-    ids = _ids()
+    ids = random_ids()
     for g, kind in zip(reduced.gate_values(ids, effective=True), reduced.config.stitch_kinds):
         assert g.shape[-2] == 3
         if kind == E2H:
@@ -113,7 +100,7 @@ def test_remove_expert_renormalises_and_is_usable():
 # ---- sparse inference -----------------------------------------------------------------------------------------------
 def test_sparse_all_experts_is_the_full_model_exactly():
     model, _ = _trained(3)
-    ids = _ids()
+    ids = random_ids()
     with torch.no_grad():
         full = model(ids).logits
         model.set_active_experts(["e2", "e0", "e1"])
@@ -129,7 +116,7 @@ def test_sparse_skips_inactive_experts_and_generates_consistently():
         layers = member.model.layers if m == 0 else member.layers
         for layer in layers:
             layer.register_forward_hook(lambda *_a, m=m: calls.__setitem__(m, calls[m] + 1))
-    ids = _ids()
+    ids = random_ids()
     top = model.top_experts(ids, k=1)
     assert len(top) == 1
     for m in calls:
@@ -154,7 +141,7 @@ def test_sparse_skips_inactive_experts_and_generates_consistently():
 
 def test_bad_inputs_are_bts_errors(tmp_path):
     model, experts = _trained(2)
-    ids = _ids()
+    ids = random_ids()
     with pytest.raises(BTSError, match="'nope'"):
         model.set_active_experts(["nope"])
     with pytest.raises(BTSError, match="k must"):
@@ -187,7 +174,7 @@ def test_cli_gates_add_remove(tmp_path):
     from bts.cli import main
 
     hub_dir, expert_dirs = save_members(tmp_path, n=3)
-    model = _open(BTSForCausalLM.from_members(hub_dir, expert_dirs[:2], names=["a", "b"]))
+    model = open_stitches(BTSForCausalLM.from_members(hub_dir, expert_dirs[:2], names=["a", "b"]))
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "text.txt").write_text("w1 w2 w3 w1 w4")
     # the tiny members have no tokenizer: the gates command says so in one sentence
@@ -203,7 +190,7 @@ def test_cli_gates_add_remove(tmp_path):
     assert main(["remove-expert", str(tmp_path / "m3"), "zz", "--out", str(tmp_path / "m4")]) == 2
     reduced = BTSForCausalLM.from_pretrained(tmp_path / "m2")
     assert reduced.config.expert_names == ["b", "c"]
-    ids = _ids()
+    ids = random_ids()
     model.set_active_experts(["b"])
     with torch.no_grad():  # c enters with presence 0, so (b, c) after removing a is b alone
         assert (reduced(ids).logits - model(ids).logits).abs().max() <= 1e-4
@@ -213,7 +200,7 @@ def test_gates_command_writes_views(tmp_path):
     from bts.commands import gates
 
     model, _ = _trained(2)
-    ids = _ids(1, 20)[0]
+    ids = random_ids(1, 20)[0]
     mass = gates.token_gates(model, ids)
     assert mass.shape == (len(model.stitches), 20, 3)
     tokens = [f"t{i}" for i in range(20)]

@@ -62,6 +62,19 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def load_config(spec, role: str):
+    """(directory, config) of a member given by path or cached hub id, its architecture checked; no weights read."""
+    from transformers import AutoConfig
+
+    model_dir = resolve_dir(str(spec), role)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as exc:
+        raise BTSError(f"{role} '{spec}' has no readable config.json ({type(exc).__name__}).") from None
+    hf.check_supported(config)
+    return model_dir, config
+
+
 def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, str | None]:
     """Load one member; returns (model, directory or None for an in-memory model)."""
     if isinstance(spec, nn.Module):
@@ -70,14 +83,9 @@ def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None) -> tuple[n
         if not hasattr(spec, "model") or not hasattr(spec, "lm_head"):
             raise BTSError(f"{role} must be a *ForCausalLM model (got {type(spec).__name__}).")
         return spec, getattr(spec, "_bts_source_dir", None)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model_dir = resolve_dir(str(spec), role)
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except Exception as exc:
-        raise BTSError(f"{role} '{spec}' has no readable config.json ({type(exc).__name__}).") from None
-    hf.check_supported(config)
+    model_dir, _ = load_config(spec, role)
     weights_sha256(model_dir)  # refuses pickled-only checkpoints before anything loads
     check_safetensors(model_dir, role)
     try:

@@ -37,10 +37,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from bts import hf
 from bts.atomic import atomic_write_json
 from bts.errors import BTSError
-from bts.members import Member, check_compatible, load_causal_lm, resolve_dir
+from bts.members import Member, check_compatible, load_causal_lm, load_config, resolve_dir
 
 METHODS = ("soup", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 TIES_DENSITY = 0.2
@@ -262,14 +261,7 @@ def _expert_source(spec, i: int) -> tuple[Mapping, Member]:
     if isinstance(spec, nn.Module):
         model, path = load_causal_lm(spec, role)
         return model.state_dict(), Member(f"expert{i}", model, path)
-    from transformers import AutoConfig
-
-    model_dir = resolve_dir(str(spec), role)
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except Exception as exc:
-        raise BTSError(f"{role} '{spec}' has no readable config.json ({type(exc).__name__}).") from None
-    hf.check_supported(config)
+    model_dir, config = load_config(spec, role)
     # check_compatible reads only `.config`; the weights are streamed tensor by tensor instead of loaded.
     return CheckpointTensors(model_dir, role), Member(f"expert{i}", SimpleNamespace(config=config), str(model_dir))
 
