@@ -24,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from bts.data import heldout_loss
 from bts.errors import BTSError
 from bts.stitch import E2H, H2E, StitchLayer
 
@@ -216,22 +218,126 @@ def gate_table(model, windows: dict[str, torch.Tensor], batch_size: int = 8) -> 
     return table
 
 
+# ---- domain switches and sparse inference ---------------------------------------------------------------------
+def _dominant(model, ids: torch.Tensor) -> torch.Tensor:
+    """Per token, the index of the expert with the most mixing weight at the last E→H stitch ([B, T]). The hub is
+    left out: it carries most of the mass everywhere, so the question is which expert leads."""
+    last = max(i for i, k in enumerate(model.config.stitch_kinds) if k == E2H)
+    return model.gate_values(ids, effective=True)[last].mean(-1)[..., 1:].argmax(-1)
+
+
+def switch_text(run, domains: list[str] | None = None) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """Held-out text that changes domain every half window (the report's gate heatmap): ids, [(start, domain)]."""
+    chunk = run.recipe.data.seq_len // 2
+    pieces, bounds = [], []
+    for d in (domains or run.domains)[:4]:
+        bounds.append((sum(len(p) for p in pieces), d))
+        pieces.append(run.stream(d, "heldout")[:chunk])
+    return torch.cat(pieces), bounds
+
+
+@torch.no_grad()
+def switch_table(model, streams: dict[str, torch.Tensor], half: int, windows: int = 16) -> dict:
+    """Does the dominant expert switch when the text changes domain? For every ordered pair (a, b) of expert
+    domains: `windows` windows of a's held-out text (half tokens) followed by b's; per pair the fraction of tokens
+    before the boundary whose dominant expert is a's, after it b's, and the fraction of windows whose most frequent
+    dominant expert is a's before and b's after."""
+    names = list(model.config.expert_names)
+    domains = [d for d in names if d in streams]
+    pairs = {}
+    for a in domains:
+        for b in domains:
+            if a == b:
+                continue
+            n = min(windows, len(streams[a]) // half, len(streams[b]) // half)
+            ids = torch.stack([torch.cat([streams[a][i * half:(i + 1) * half], streams[b][i * half:(i + 1) * half]])
+                               for i in range(n)])
+            dom = _dominant(model, ids)
+            first, second = dom[:, :half], dom[:, half:]
+            ia, ib = names.index(a), names.index(b)
+            switched = (first.mode(-1).values == ia) & (second.mode(-1).values == ib)
+            pairs[f"{a}→{b}"] = {"before": float((first == ia).float().mean()),
+                                 "after": float((second == ib).float().mean()), "switched": float(switched.float().mean()),
+                                 "windows": n}
+    mean = {k: sum(p[k] for p in pairs.values()) / len(pairs) for k in ("before", "after", "switched")} if pairs else {}
+    return {"pairs": pairs, **mean, "chance": 1 / len(names), "half": half}
+
+
+@torch.no_grad()
+def segment_dominance(model, ids: torch.Tensor, bounds: list[tuple[int, str]]) -> list[dict]:
+    """Per domain segment of one text: the most frequent dominant expert and the share of tokens led by the
+    segment's own expert (None when no expert is named like the domain)."""
+    names = list(model.config.expert_names)
+    dom = _dominant(model, ids.view(1, -1))[0]
+    ends = [start for start, _ in bounds[1:]] + [len(ids)]
+    out = []
+    for (start, domain), end in zip(bounds, ends):
+        seg = dom[start:end]
+        own = float((seg == names.index(domain)).float().mean()) if domain in names else None
+        out.append({"domain": domain, "start": start, "end": end, "dominant": names[int(seg.mode().values)],
+                    "own_share": own})
+    return out
+
+
+@torch.no_grad()
+def sparse_table(model, windows: dict[str, torch.Tensor]) -> dict:
+    """Sparse inference per expert domain (as benchmarks/bench_sparse.py, without timing): the top-k experts are
+    chosen on the first held-out window (model.top_experts) and the rest of the windows are scored with only them
+    active, for k = 1..n, against the full model on the same windows."""
+    names = list(model.config.expert_names)
+    table = {}
+    try:
+        for d in names:
+            if d not in windows or len(windows[d]) < 2:
+                continue
+            probe, scored = windows[d][:1], windows[d][1:]
+            model.set_active_experts(None)
+            full = heldout_loss(model, scored)
+            rows = []
+            for k in range(1, len(names) + 1):
+                chosen = model.top_experts(probe, k)
+                model.set_active_experts(chosen)
+                loss = heldout_loss(model, scored)
+                rows.append({"k": k, "experts": chosen, "loss": loss, "change_pct": 100 * (loss / full - 1)})
+            table[d] = {"full": full, "windows": len(scored), "k": rows}
+    finally:
+        model.set_active_experts(None)
+    return table
+
+
 # ---- the measurement of docs/modularity.md -------------------------------------------------------------------
 def _log(msg: str) -> None:
     print(f"bts modularity: {msg}", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def _single_process():
+    """Train as one process even under torchrun: the pipeline runs this stage on rank 0 alone while the other
+    ranks wait, so bts.train must not wait for them in a collective."""
+    from bts import distributed
+
+    saved = distributed.active
+    distributed.active = lambda: False
+    try:
+        yield
+    finally:
+        distributed.active = saved
+
+
 def measure_modularity(run, *, add_fraction: float = 0.25, retrain_fraction: float = 0.25,
-                       focus_weight: float = 0.5, out: str | Path | None = None) -> dict:
+                       focus_weight: float = 0.5, sparse: bool = True, out: str | Path | None = None) -> dict:
     """On a finished run (seed, experts and stitch stages done):
     (a) stitch all experts but the last from scratch (the recipe's full stitch steps), add the last one with
         add_fraction of those steps (new slots only, and all stitch parameters) and compare with the model
         stitched from scratch with every expert (the run's models/bts);
     (b) remove each expert from that model: every domain's held-out loss, then after retrain_fraction of the
         steps of retraining all stitch parameters;
-    (c) the removed expert's own domain against the seed's loss there.
-    Training phases resume from their checkpoints under <run>/modularity/train, so a rerun is cheap."""
-    from bts.data import eval_windows, heldout_loss
+    (c) the removed expert's own domain against the seed's loss there;
+    plus the gates per domain, whether the dominant expert switches where the text changes domain, and (sparse)
+    the held-out loss with only the top-k experts active for k = 1..n.
+    Training phases resume from their checkpoints under <out>/train, so an interrupted measurement with the same
+    settings resumes exactly; results.json is written atomically at the end."""
+    from bts.data import eval_windows
     from bts.model import BTSForCausalLM
 
     out = Path(out) if out else run.path("modularity")
@@ -251,7 +357,9 @@ def measure_modularity(run, *, add_fraction: float = 0.25, retrain_fraction: flo
     def batches(mix, salt):
         return run.batcher(mix, run.recipe.stitch.train, salt=salt)
 
-    results = {"schema": "bts.modularity/1", "experts": experts, "full_stitch_steps": full_steps}
+    results = {"schema": "bts.modularity/1", "experts": experts, "full_stitch_steps": full_steps,
+               "settings": {"add_fraction": add_fraction, "retrain_fraction": retrain_fraction,
+                            "focus_weight": focus_weight, "sparse": sparse, "heldout_tokens": budget}}
     from transformers import AutoModelForCausalLM
 
     seed = AutoModelForCausalLM.from_pretrained(run.path("models", "seed"), dtype=torch.float32).eval()
@@ -260,8 +368,26 @@ def measure_modularity(run, *, add_fraction: float = 0.25, retrain_fraction: flo
     full = BTSForCausalLM.from_pretrained(run.path("models", "bts")).eval()
     results["full"] = losses(full)
     results["gates"] = gate_table(full, {d: w[:8] for d, w in windows.items()})
+    ids, bounds = switch_text(run)
+    results["switch"] = {**switch_table(full, {d: run.stream(d, "heldout") for d in run.domains}, seq // 2),
+                         "heatmap_text": segment_dominance(full, ids, bounds)}
     _log(f"full model avg {results['full']['avg']:.4f}, seed avg {results['seed']['avg']:.4f}")
+    if sparse:
+        results["sparse"] = sparse_table(full, windows)
+        _log("sparse inference scored for k = 1.." + str(len(experts)))
 
+    with _single_process():
+        _add_and_remove(run, results, full, experts, losses, batches, out, add_fraction, retrain_fraction,
+                        focus_weight)
+    from bts.atomic import atomic_write_json
+
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _add_and_remove(run, results, full, experts, losses, batches, out, add_fraction, retrain_fraction,
+                    focus_weight) -> None:
+    full_steps = results["full_stitch_steps"]
     # (a) add the last expert to a model stitched without it
     last, rest = experts[-1], experts[:-1]
     add_steps = max(1, round(add_fraction * full_steps))
@@ -298,10 +424,6 @@ def measure_modularity(run, *, add_fraction: float = 0.25, retrain_fraction: flo
         _log(f"remove {name}: own domain {results['full'].get(name, float('nan')):.4f} -> "
              f"{entry['removed'].get(name, float('nan')):.4f} (seed {results['seed'].get(name, float('nan')):.4f})")
         del reduced
-    from bts.atomic import atomic_write_json
-
-    atomic_write_json(out / "results.json", results)
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:

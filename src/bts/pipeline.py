@@ -1,7 +1,7 @@
 """The Branch-Train-Stitch pipeline as stages over one run directory.
 
     run = Run(load_recipe("demo"))
-    run.all()                      # data → tokenizer → seed → experts → stitch → baselines → evaluate → report
+    run.all()    # data → tokenizer → seed → experts → stitch → baselines → evaluate → downstream → modularity → report
 
 Each stage writes its outputs under the run directory and, when complete, a marker stages/<stage>.json; running
 again skips finished stages and resumes an interrupted training stage from its last checkpoint. Expert stages are
@@ -14,15 +14,18 @@ Layout of a run directory:
     models/seed, models/expert-<domain>, models/bts, models/<baseline>
     train/<phase>/metrics.jsonl, ckpt/    per training phase
     eval/<method>.json, results.json, report/{report.md, report.html, *.png}
+    modularity/{settings.json, results.json, train/}   when modularity.enabled (docs/modularity.md)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -42,7 +45,8 @@ from bts.train import train
 
 # errno values of a write that failed for reasons outside bts (disk full, quota, read-only or not a folder)
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EFBIG}
-STAGES = ("data", "tokenizer", "seed", "experts", "stitch", "baselines", "evaluate", "downstream", "report")
+STAGES = ("data", "tokenizer", "seed", "experts", "stitch", "baselines", "evaluate", "downstream", "modularity",
+          "report")
 # Under torchrun every rank runs these (they train); the other stages run on rank 0 while the rest wait.
 PARALLEL_STAGES = ("seed", "experts", "stitch", "baselines")
 
@@ -114,7 +118,9 @@ class Run:
         current = recipe_to_dict(self.recipe)
         stored = self.path("recipe.yaml")
         if stored.exists():  # finished stages were made with that recipe: never mix two recipes in one run
-            diff = _first_difference(yaml.safe_load(stored.read_text()) or {}, current)
+            # ... except the modularity section: no other stage reads it, and its own stage reruns when it changes
+            old = {k: v for k, v in (yaml.safe_load(stored.read_text()) or {}).items() if k != "modularity"}
+            diff = _first_difference(old, {k: v for k, v in current.items() if k != "modularity"})
             if diff is not None:
                 key, old, new = diff
                 raise BTSError(f"run directory '{self.root}' was made with {key}={old!r}, not {new!r}; "
@@ -439,6 +445,34 @@ class Run:
             results = json.loads(self.path("results.json").read_text())
             results["downstream"] = section
             atomic_write_json(self.path("results.json"), results)
+
+    def modularity(self) -> None:
+        """The modularity measurement (bts.modularity.measure_modularity, docs/modularity.md) on this run's stitched
+        model, when modularity.enabled: results under modularity/, shown in the report."""
+        m = self.recipe.modularity
+        if not m.enabled:
+            return
+        settings = dataclasses.asdict(m)
+        done = self.done("modularity")
+        if done and done.get("settings") == settings:
+            return
+        if not self.done("stitch"):
+            raise BTSError("the modularity stage needs the stitched model; run the stitch stage first.")
+        if len(self.recipe.expert_domains) < 2:
+            raise BTSError(f"the modularity stage needs at least 2 experts (the run has {self.recipe.expert_domains}).")
+        from bts.modularity import measure_modularity
+
+        out = self.path("modularity")
+        # Training checkpoints under modularity/train resume an interrupted measurement exactly, but only with the
+        # same settings: anything left by other settings (or by an older bts) is cleared first.
+        stamp = out / "settings.json"
+        if out.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != settings):
+            shutil.rmtree(out)
+        atomic_write_json(stamp, settings)
+        with self.stage("modularity") as info:
+            results = measure_modularity(self, add_fraction=m.add_fraction, retrain_fraction=m.retrain_fraction,
+                                         focus_weight=m.focus_weight, sparse=m.sparse, out=out)
+            info.update(settings=settings, full_avg=results["full"]["avg"], seed_avg=results["seed"]["avg"])
 
     def report(self) -> None:
         from bts.report import write_report

@@ -126,6 +126,18 @@ class DownstreamConfig:
 
 
 @dataclass
+class ModularityConfig:
+    """The modularity measurement (bts.modularity, docs/modularity.md), a pipeline stage after the stitch: add the
+    last expert, remove each, gates per domain and at domain switches, sparse inference."""
+
+    enabled: bool = False
+    add_fraction: float = 0.25  # steps to add the last expert, as a fraction of stitch.train.steps
+    retrain_fraction: float = 0.25  # steps of retraining after removing an expert, as the same fraction
+    focus_weight: float = 0.5  # share of the added expert's own domain in its training mix
+    sparse: bool = True  # also score sparse inference: the top-k experts only, for k = 1..n
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     seed: int = 0
@@ -137,6 +149,7 @@ class Recipe:
     stitch: StitchConfig = field(default_factory=StitchConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    modularity: ModularityConfig = field(default_factory=ModularityConfig)
 
     @property
     def expert_domains(self) -> list[str]:
@@ -268,6 +281,15 @@ def _check(recipe: Recipe) -> None:
                 raise BTSError(f"downstream.tasks names '{t}', which is not a task ({', '.join(TASKS)}).")
     if b.btx_trainable not in ("full", "router"):
         raise BTSError(f"baselines.btx_trainable must be full or router (got '{b.btx_trainable}').")
+    m = recipe.modularity
+    for name in ("add_fraction", "retrain_fraction"):
+        if not 0 < getattr(m, name) <= 1:  # also refuses nan
+            raise BTSError(f"modularity.{name} must be in (0, 1] (got {getattr(m, name)}).")
+    if not 0 <= m.focus_weight < 1:
+        raise BTSError(f"modularity.focus_weight must be in [0, 1) (got {m.focus_weight}).")
+    if m.enabled and len(recipe.expert_domains) < 2:
+        raise BTSError(f"modularity.enabled needs at least 2 experts (experts.domains gives "
+                       f"{recipe.expert_domains}).")
 
 
 def _apply_override(raw: dict, item: str) -> None:
