@@ -7,6 +7,8 @@
    the exact analytic ratio BTS FLOPs / Σ members' FLOPs is printed too and is the fair target.
 2. Greedy decode (batch 1, with cache): BTS tokens/s against the seed's tokens/s divided by n+1 (the cost of n+1
    members with zero overhead).
+Both are measured for the two execution paths: "loop" (each member's Hugging Face layer in turn, the reference)
+and "batched" (block i of every member as one batched matmul over stacked weights, bts.batched).
 Measurements are interleaved (BTS, then each member, per repeat) and summarised by medians, so slow drifts of a
 shared machine hit both sides alike.
 """
@@ -55,10 +57,15 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_forward(model, members, ids, repeats):
+def with_execution(model, batched: bool):
+    model.set_execution(batched=batched)
+    return model
+
+
+def bench_forward(model, members, ids, repeats, batched=False):
     n = len(members) - 1
     with torch.no_grad():
-        run_bts = lambda: model(ids, use_cache=False)  # noqa: E731
+        run_bts = lambda: with_execution(model, batched)(ids, use_cache=False)  # noqa: E731
         runs = [lambda m=m: m(ids, use_cache=False) for m in members]
         run_bts(), [r() for r in runs]  # warm-up
         bts_t, member_t = [], [[] for _ in members]
@@ -76,7 +83,7 @@ def bench_forward(model, members, ids, repeats):
     per_block = (member_flops_per_token(cfg, ctx, with_head=False)) / cfg.num_hidden_layers
     bts_flops = (n + 1) * member_flops_per_token(cfg, ctx, with_head=False) - n * skipped * per_block \
         + 2 * cfg.hidden_size * cfg.vocab_size + stitch
-    print(f"forward {tuple(ids.shape)}: BTS {bts_med * 1e3:.1f} ms, members alone "
+    print(f"forward {tuple(ids.shape)}, {'batched' if batched else 'loop'}: BTS {bts_med * 1e3:.1f} ms, members alone "
           f"{' + '.join(f'{statistics.median(t) * 1e3:.1f}' for t in member_t)} = {sum_med * 1e3:.1f} ms")
     print(f"  FLOPs/token: members {members_flops / 1e6:.2f} M (n+1={n + 1}), stitches {stitch / 1e6:.2f} M, "
           f"BTS {bts_flops / 1e6:.2f} M (one LM head, {skipped} expert blocks skipped)")
@@ -87,20 +94,20 @@ def bench_forward(model, members, ids, repeats):
     return ratio, floor_brief, floor_exact
 
 
-def bench_decode(model, hub, prompt, new_tokens, repeats):
+def bench_decode(model, hub, prompt, new_tokens, repeats, batched=False):
     n = model.config.num_experts
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
               pad_token_id=0)
-    model.generate(prompt, **kw), hub.generate(prompt, **kw)  # warm-up
+    with_execution(model, batched).generate(prompt, **kw), hub.generate(prompt, **kw)  # warm-up
     bts_t, seed_t = [], []
     for _ in range(repeats):
-        bts_t.append(timed(lambda: model.generate(prompt, **kw)))
+        bts_t.append(timed(lambda: with_execution(model, batched).generate(prompt, **kw)))
         seed_t.append(timed(lambda: hub.generate(prompt, **kw)))
     bts_tps = new_tokens / statistics.median(bts_t)
     seed_tps = new_tokens / statistics.median(seed_t)
     ratio = bts_tps / (seed_tps / (n + 1))
-    print(f"decode batch 1, {new_tokens} tokens: BTS {bts_tps:.1f} tok/s, seed {seed_tps:.1f} tok/s, "
-          f"seed/(n+1) {seed_tps / (n + 1):.1f} tok/s; ratio {ratio:.3f}")
+    print(f"decode batch 1, {new_tokens} tokens, {'batched' if batched else 'loop'}: BTS {bts_tps:.1f} tok/s, "
+          f"seed {seed_tps:.1f} tok/s, seed/(n+1) {seed_tps / (n + 1):.1f} tok/s; ratio {ratio:.3f}")
     return ratio
 
 
@@ -123,11 +130,13 @@ def main() -> None:
           f"{model.config.stitch_positions} ({', '.join(model.config.stitch_kinds)}), threads={args.threads}")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=gen)
-    fwd, floor_brief, floor_exact = bench_forward(model, members, ids, args.repeats)
+    fwd, floor_brief, floor_exact = bench_forward(model, members, ids, args.repeats, batched=False)
+    fwd_b, _, _ = bench_forward(model, members, ids, args.repeats, batched=True)
     prompt = torch.randint(3, args.vocab, (1, 16), generator=gen)
-    dec = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats)
-    print(f"KEY forward_ratio={fwd:.3f} floor={floor_brief:.3f} exact_flop_ratio={floor_exact:.3f} "
-          f"forward_over_exact={fwd / floor_exact - 1:+.1%} decode_ratio={dec:.3f}")
+    dec = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats, batched=False)
+    dec_b = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats, batched=True)
+    print(f"KEY forward_ratio loop={fwd:.3f} batched={fwd_b:.3f} floor={floor_brief:.3f} "
+          f"exact_flop_ratio={floor_exact:.3f} decode_ratio loop={dec:.3f} batched={dec_b:.3f}")
 
 
 if __name__ == "__main__":

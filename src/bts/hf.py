@@ -82,3 +82,32 @@ def causal_lm_output(loss, logits, cache) -> CausalLMOutputWithPast:
 
 def output_cache(output):
     return getattr(output, CACHE_KWARG)
+
+
+# ---- batched members (bts.batched): the weights of one Llama-family decoder block, by role --------------------
+def block_parameters(layer) -> dict[str, nn.Parameter]:
+    """The block's parameters keyed by role (q, k, v, o, gate, up, down, ln1, ln2; q_bias/k_bias/v_bias/o_bias
+    and q_norm/k_norm where the architecture has them)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    params = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
+              "gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down": mlp.down_proj.weight}
+    for role in ("q", "k", "v", "o"):
+        linear = getattr(attn, f"{role}_proj")
+        params[role] = linear.weight
+        if linear.bias is not None:
+            params[f"{role}_bias"] = linear.bias
+    for role in ("q", "k"):
+        norm = getattr(attn, f"{role}_norm", None)
+        if norm is not None:
+            params[f"{role}_norm"] = norm.weight
+    if getattr(mlp.gate_proj, "bias", None) is not None:
+        raise BTSError("batched members: MLP biases are not supported; use set_execution('loop').")
+    return params
+
+
+def block_meta(layer) -> dict:
+    attn = layer.self_attn
+    config = attn.config
+    return {"head_dim": attn.head_dim, "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "scaling": attn.scaling, "eps": layer.input_layernorm.variance_epsilon, "act": layer.mlp.act_fn,
+            "qk_eps": attn.q_norm.variance_epsilon if getattr(attn, "q_norm", None) is not None else None}

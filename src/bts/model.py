@@ -18,13 +18,15 @@ projections, gate rows and KV cache are skipped, and E→H gates renormalise ove
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from bts import hf
+from bts import batched, hf
 from bts.atomic import atomic_save_safetensors, atomic_write_json
 from bts.config import BTSConfig
 from bts.errors import BTSError
@@ -32,6 +34,7 @@ from bts.members import TOKENIZER_FILES, Member, check_compatible, freeze, load_
 from bts.stitch import E2H, EXPERT_STREAMS, INITS, StitchLayer, stitch_kinds, stitch_positions
 
 STITCH_WEIGHTS = "stitch.safetensors"
+EXECUTIONS = ("auto", "loop", "batched")
 
 
 class BTSForCausalLM(PreTrainedModel, GenerationMixin):
@@ -60,6 +63,9 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         self._expert_models = list(experts)  # full models, kept only to write them out (plain list: not a submodule)
         self._claim_cache_slots()
         self._active: list[int] | None = None  # sparse inference: indices of the experts that run (None: all)
+        self._execution = "auto"  # execution paths: see set_execution
+        self._checkpoint = False
+        self._stacks = None  # (running members, [StackedBlock]) for the batched path
         self.stitches.float()
 
     def _claim_cache_slots(self) -> None:
@@ -140,6 +146,45 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
     def stitch_parameters(self) -> list[nn.Parameter]:
         return list(self.stitches.parameters())
 
+    # ---- execution paths ----------------------------------------------------------------------------------
+    def set_execution(self, members: str | None = None, *, checkpoint_members: bool | None = None) -> None:
+        """How the members run; the outputs are the same every way (tests/test_batched.py).
+
+        members: "loop" runs each member's own Hugging Face layers in turn (the reference path). "batched" runs
+          block i of every running member as one set of batched matmuls over stacked weights (bts.batched); the
+          members must share a dtype and device, and their weights become slices of the stacks (no extra copy).
+          "auto" (the default) batches only when a KV cache is in use, i.e. in generate(): decode steps are
+          small, so dispatch overhead dominates and batching wins (measured 1.9× on the demo model); long
+          training and evaluation forwards measured no gain on CPU (docs/performance.md).
+        checkpoint_members: in training, keep no activations inside member blocks and recompute them in
+          backward: less memory for long sequences, for about one more forward of the members' time."""
+        if members is not None:
+            if members not in EXECUTIONS:
+                raise BTSError(f"members must be one of {', '.join(EXECUTIONS)} (got '{members}').")
+            self._execution, self._stacks = members, None
+        if checkpoint_members is not None:
+            self._checkpoint = bool(checkpoint_members)
+
+    @property
+    def execution(self) -> dict:
+        return {"members": self._execution, "checkpoint_members": self._checkpoint}
+
+    def _stacked_blocks(self, num_blocks: int) -> list:
+        """The running members' blocks 0..num_blocks-1 stacked (built once per active set; rebuilt if the
+        members were moved or re-cast since)."""
+        decoders = [hf.decoder_of(self.hub)] + [self.experts[a] for a in (self._active or range(len(self.experts)))]
+        key = (tuple(self._active or ()), num_blocks)
+        stale = self._stacks is None or self._stacks[0] != key
+        if stale or self._stacks[1][0].anchor != batched.anchor([dec.layers[0] for dec in decoders]):
+            params = [p for dec in decoders for p in dec.layers[0].parameters()]
+            if len({(p.dtype, p.device) for p in params}) > 1:
+                raise BTSError("batched members need every member in one dtype on one device; "
+                               "use set_execution('loop').")
+            self._stacks = None  # free the previous stacks before building new ones
+            # The full set shares storage with the members (no extra copy); a subset is a copy of its members.
+            self._stacks = (key, batched.stacked_blocks(decoders, num_blocks, share=self._active is None))
+        return self._stacks[1]
+
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep=0, return_gates: bool = False, **kwargs):
@@ -169,21 +214,37 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         self._claim_cache_slots()
         gates = []
         layer_kwargs = dict(position_embeddings=rope, position_ids=position_ids, cache=cache, use_cache=use_cache)
+        batch_members = self._execution == "batched" or (self._execution == "auto" and cache is not None)
+        blocks = self._stacked_blocks(last_e2h) if batch_members and last_e2h else None
+        remat = self._checkpoint and torch.is_grad_enabled() and cache is None  # recompute member blocks in backward
         for i in range(len(hub.layers)):
             mask = masks[types[i]]
-            # Expert blocks after the last E→H cannot reach the output: skip them (and their cache).
-            runners = [hub] + (running if i < last_e2h else [])
-            for m, member in enumerate(runners):
-                states[m] = hf.call_layer(member.layers[i], states[m], mask=mask, **layer_kwargs)
+            if blocks is not None and i < last_e2h:  # every running member's block i as one batched computation
+                x = states if torch.is_tensor(states) else torch.stack(states)
+                step = lambda x, i=i, mask=mask: batched.block_forward(  # noqa: E731
+                    blocks[i], x, mask=mask, position_embeddings=rope, cache=cache, slot=i)
+                states = checkpoint(step, x, use_reentrant=False) if remat and x.requires_grad else step(x)
+            else:
+                states = list(states.unbind(0)) if torch.is_tensor(states) else states
+                # Expert blocks after the last E→H cannot reach the output: skip them (and their cache).
+                runners = [hub] + (running if i < last_e2h else [])
+                for m, member in enumerate(runners):
+                    step = partial(hf.call_layer, member.layers[i], mask=mask, **layer_kwargs)
+                    needs = remat and states[m].requires_grad
+                    states[m] = checkpoint(step, states[m], use_reentrant=False) if needs else step(states[m])
             stitch = stitch_after.get(i + 1)
             if stitch is not None:
                 dtype = states[0].dtype
-                h0, experts = states[0].float(), torch.stack(states[1:]).float()
+                experts = states[1:] if torch.is_tensor(states) else torch.stack(states[1:])
+                h0, experts = states[0].float(), experts.float()
                 if return_gates:
                     fn = stitch.mixing_weights if return_gates == "effective" else stitch.gate_values
                     gates.append(fn(h0, active=active).detach())
                 h0, experts = stitch(h0, experts, active=active)
-                states = [h0.to(dtype)] + [e.to(dtype) for e in experts.unbind(0)]
+                if torch.is_tensor(states):
+                    states = torch.cat([h0.unsqueeze(0), experts]).to(dtype)
+                else:
+                    states = [h0.to(dtype)] + [e.to(dtype) for e in experts.unbind(0)]
         hidden = hub.norm(states[0])
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
