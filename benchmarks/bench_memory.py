@@ -14,8 +14,9 @@ the stitch parameters, zero_grad(set_to_none=True)) is measured three ways:
   This counts tensor bytes only, from torch's own CPU allocator, so it is exact and unaffected by the Python heap,
   libraries, or glibc keeping freed pages (which make RSS-based peaks noisy).
 * Cross-check: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs just before
-  the step) minus VmRSS before it. malloc may reuse pages freed by the warm-up steps, so this is at most the
-  profiler's transient peak, and usually a little below it.
+  the step) minus VmRSS before it. The workers run with MALLOC_MMAP_THRESHOLD_=65536, so glibc maps every tensor
+  over 64 KiB on its own and returns it to the system when freed; otherwise freed blocks stay resident in the heap
+  and are reused, and the RSS rise says little. Page granularity and small allocations keep it slightly off.
 * Activations kept for backward: torch.autograd.graph.saved_tensors_hooks sees every tensor autograd saves; unique
   storages that are not parameters are summed and attributed to the module that saved them (member block, stitch,
   or final norm / LM head / loss). Blocks before the first stitch that changes their stream must save nothing.
@@ -23,8 +24,10 @@ the stitch parameters, zero_grad(set_to_none=True)) is measured three ways:
 Floor = member weights + stitch parameters + AdamW's two moments (all resident between steps) + the activations
 kept for backward (all alive when backward starts). The stitch gradients are not added: they are allocated during
 backward while activations are being freed, so they need not coexist with all of them. What a step needs beyond
-the floor are temporaries (a block's intermediates, the logits' gradient, the stitch gradients). After the measured step's backward, the bytes of .grad and of optimizer state attached to member
-parameters are counted: both must be 0 (tests/test_performance.py asserts the same).
+the floor are temporaries (a block's intermediates, the logits' gradient, the stitch gradients).
+
+After the measured step's backward, the bytes of .grad and of optimizer state attached to member parameters are
+counted: both must be 0 (tests/test_performance.py asserts the same).
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ def worker(args) -> dict:
     # given as directories or hub ids, not to models already in memory.
     members = [m.to(dtype) for m in members]
     model = BTSForCausalLM.from_members(members[0], members[1:], num_stitches=args.stitches)
+    if args.checkpoint_members:
+        model.set_execution(checkpoint_members=True)
     del members  # only the model's references remain
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     trainable = dict(model.stitches.named_parameters())
@@ -235,6 +240,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--stitches", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint-members", action="store_true",
+                    help="recompute member blocks in backward instead of keeping their activations")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help=argparse.SUPPRESS)  # worker mode
     args = ap.parse_args()
     if args.dtype:
@@ -242,13 +249,17 @@ def main() -> None:
         return
     flags = [a for a in sys.argv[1:]]
     results = {}
+    # A fixed mmap threshold: glibc then maps every tensor over 64 KiB on its own and unmaps it when freed, so the
+    # RSS cross-check sees tensors come and go (by default freed blocks are kept in the heap and reused).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     for dtype in ("float32", "bfloat16"):
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, "--dtype", dtype],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, check=True, env=env)
         line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
         results[dtype] = json.loads(line[len("RESULT "):])
+    remat = ", member blocks checkpointed" if args.checkpoint_members else ""
     print(f"n={args.experts} experts, d={args.hidden}, L={args.layers}, vocab {args.vocab}, batch {args.batch} x "
-          f"seq {args.seq}, {args.stitches} stitches; one stitch-training step, each dtype in a fresh process")
+          f"seq {args.seq}, {args.stitches} stitches{remat}; one stitch-training step, each dtype in a fresh process")
     for r in results.values():
         report(r)
     f32, b16 = results["float32"], results["bfloat16"]

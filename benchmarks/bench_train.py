@@ -71,6 +71,8 @@ def expected_step_ratio(model: BTSForCausalLM, ctx: int) -> dict:
     graph = lay["hub_graph"] + lay["n"] * lay["expert_graph"]
     forward = runs * (lin + attn) + head + stitch
     backward = graph * (lin + 2 * attn) + head + 2 * stitch
+    if getattr(model, "execution", {}).get("checkpoint_members"):
+        backward += graph * (lin + attn)  # the checkpointed blocks' forward runs again in backward
     return {"forward": forward, "backward": backward, "ratio": (forward + backward) / forward,
             "graph_blocks": graph, "run_blocks": runs, "graph_fraction": graph / runs, **lay}
 
@@ -138,14 +140,18 @@ def main() -> None:
     ap.add_argument("--stitches", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="members' dtype")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint-members", action="store_true",
+                    help="recompute member blocks in backward instead of keeping their activations")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     members = make_members(args.experts, args.hidden, args.layers, args.vocab, ff=int(8 * args.hidden / 3) // 64 * 64)
     members = [m.to(getattr(torch, args.dtype)) for m in members]  # as if loaded in that dtype; stitches stay fp32
     model = BTSForCausalLM.from_members(members[0], members[1:], num_stitches=args.stitches).eval()
+    if args.checkpoint_members:
+        model.set_execution(checkpoint_members=True)
     print(f"n={args.experts} experts, d={args.hidden}, L={args.layers}, stitches after "
           f"{model.config.stitch_positions} ({', '.join(model.config.stitch_kinds)}), members {args.dtype}, "
-          f"threads={args.threads}")
+          f"threads={args.threads}{', member blocks checkpointed' if args.checkpoint_members else ''}")
     exp = expected_step_ratio(model, args.seq)
     print(f"autograd graph: hub blocks {exp['hub_graph']}/{exp['layers']}, each expert {exp['expert_graph']}/"
           f"{exp['expert_runs']} run ({exp['layers'] - exp['expert_runs']} skipped): {exp['graph_blocks']} of "
