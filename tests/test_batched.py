@@ -130,3 +130,15 @@ def test_auto_execution_batches_only_generation_and_rejects_unknown_modes():
     assert auto.execution == {"members": "auto", "checkpoint_members": False}
     with pytest.raises(BTSError, match="one of auto, loop, batched"):
         auto.set_execution("fast")
+
+
+def test_members_saved_after_batched_generation_reload_identically(tmp_path):
+    _, fast = _pair("llama", n=2)
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        want = fast(ids).logits
+        fast.generate(ids, max_new_tokens=3, do_sample=False)  # members now live in the stacks
+    fast.save_pretrained(tmp_path / "m")  # in-memory members are written into the folder
+    again = BTSForCausalLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert (again(ids).logits - want).abs().max() <= 1e-5
