@@ -102,3 +102,24 @@ def test_non_finite_loss_stops_with_step_number(tmp_path):
     with pytest.raises(BTSError, match="step 1"):
         train(model, trainable, batcher(), cfg(steps=4, ckpt_every=1), tmp_path, loss_fn=bad_loss)
     assert (tmp_path / "ckpt" / "step-0000001").is_dir()
+
+
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
+    """compile: true traces the model with TorchDynamo; the "eager" backend keeps the test fast (inductor's code
+    generation takes minutes on CPU) while still checking that the captured graphs train exactly like eager."""
+
+    compiled = []
+    real = torch.compile
+
+    def eager_backend(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    runs = []
+    for name, flag in (("eager", False), ("compiled", True)):
+        model = stitched()
+        trainable = dict(model.stitches.named_parameters())
+        runs.append(train(model, trainable, batcher(), cfg(steps=3, compile=flag), tmp_path / name).losses)
+    assert len(compiled) == 1
+    assert runs[0] == pytest.approx(runs[1], abs=1e-5)

@@ -350,6 +350,7 @@ class Run:
         with self.stage("stitch") as info:
             cfg = self.recipe.stitch.train
             model = self.build_stitched()
+            model.set_execution(checkpoint_members=self.recipe.stitch.checkpoint_members)
             trainable = {f"stitches.{k}": p for k, p in model.stitches.named_parameters()}
             mix = self.stitch_mix()
             probe = self.mixed_heldout(max_tokens=2 * self.recipe.data.seq_len)

@@ -37,6 +37,7 @@ class TrainConfig:
     dtype: str = "float32"  # autocast dtype of the forward: float32 | bfloat16
     log_every: int = 10
     ckpt_every: int = 50
+    compile: bool = False  # torch.compile the model for this phase: faster steps after a one-off compile
 
 
 @dataclass
@@ -96,6 +97,7 @@ class StitchConfig:
     beta: float = 8.0
     gate_dropout: float = 0.0
     expert_stream: str = "raw"
+    checkpoint_members: bool = False  # recompute member blocks in backward: less memory, ~one more forward
     general_weight: float = 0.55  # share of the mix drawn from the general (seed-pretraining) data
     domain_weights: dict = field(default_factory=dict)  # domain -> weight of the rest; empty: equal
     train: TrainConfig = field(default_factory=TrainConfig)
