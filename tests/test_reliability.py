@@ -209,3 +209,21 @@ def test_disk_full_mid_run_is_a_one_line_error_and_nothing_looks_complete(monkey
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert bts(["--run-dir", str(run)], tmp_path / "log") == 0
     assert _fingerprint(run)["results"] == _fingerprint(reference)["results"]
+
+
+def test_a_run_stored_by_an_older_bts_accepts_options_added_since(tmp_path):
+    """Options added to the recipe after a run was made (absent from its recipe.yaml) take their defaults and are
+    not a change; a changed value still is."""
+    import yaml
+
+    from bts.errors import BTSError
+    from bts.pipeline import Run
+    from bts.recipe import load_recipe
+
+    Run(load_recipe("smoke"), tmp_path).write_manifest()
+    stored = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    del stored["stitch"]["checkpoint_members"], stored["stitch"]["train"]["compile"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(stored))
+    Run(load_recipe("smoke"), tmp_path).write_manifest()
+    with pytest.raises(BTSError, match="stitch.train.steps"):
+        Run(load_recipe("smoke", ["stitch.train.steps=99"]), tmp_path).write_manifest()

@@ -40,7 +40,7 @@ from bts import corpora, distributed, faults
 from bts.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from bts.data import Batcher, eval_windows, heldout_loss, interleave, tokenize_stream
 from bts.errors import BTSError
-from bts.recipe import Recipe, recipe_to_dict
+from bts.recipe import Recipe, load_recipe, recipe_to_dict
 from bts.train import train
 
 # errno values of a write that failed for reasons outside bts (disk full, quota, read-only or not a folder)
@@ -119,7 +119,9 @@ class Run:
         stored = self.path("recipe.yaml")
         if stored.exists():  # finished stages were made with that recipe: never mix two recipes in one run
             # ... except the modularity section: no other stage reads it, and its own stage reruns when it changes
-            old = {k: v for k, v in (yaml.safe_load(stored.read_text()) or {}).items() if k != "modularity"}
+            # A recipe stored by an older bts is read with today's defaults, so options added since do not count
+            # as changes.
+            old = {k: v for k, v in recipe_to_dict(load_recipe(str(stored))).items() if k != "modularity"}
             diff = _first_difference(old, {k: v for k, v in current.items() if k != "modularity"})
             if diff is not None:
                 key, old, new = diff
