@@ -67,13 +67,19 @@ def plot(mass: torch.Tensor, tokens: list[str], names: list[str], layer: int, ki
     _save(fig, out / "tokens.png")
 
     fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 1 + 0.45 * len(kinds)))
+    import numpy as np
+
     avg = mass.mean(1).numpy()
-    im = ax.imshow(avg, aspect="auto", cmap="viridis", vmin=0)
+    # H→E stitches mix the hub into the experts: the hub has no weight of its own there, so its cell is blank.
+    hidden = np.zeros_like(avg, dtype=bool)
+    hidden[[i for i, k in enumerate(kinds) if k == "h2e"], 0] = True
+    im = ax.imshow(np.ma.masked_array(avg, hidden), aspect="auto", cmap="viridis", vmin=0)
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(kinds)), [f"{i + 1} ({k})" for i, k in enumerate(kinds)])
     for i in range(avg.shape[0]):
         for j in range(avg.shape[1]):
-            ax.text(j, i, f"{avg[i, j]:.2f}", ha="center", va="center", color="w", fontsize=7)
+            text = "–" if hidden[i, j] else f"{avg[i, j]:.2f}"
+            ax.text(j, i, text, ha="center", va="center", color="w" if not hidden[i, j] else "k", fontsize=7)
     fig.colorbar(im, ax=ax, label="mean mixing weight")
     ax.set_title("stitch layers × members (mean over tokens)")
     fig.tight_layout()
