@@ -1,6 +1,6 @@
 """P3: cost of one stitch-training step against one stitched forward (CPU, one process, same batch).
 
-    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_train.py [--threads 1] [--repeats 5] [--dtype bfloat16]
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_train.py [--threads 1] [--repeats 7] [--dtype bfloat16] [--checkpoint-members]
 
 Numerator: one stitch-training step exactly as bts.train runs it: model.train(); loss = model(ids, labels=ids).loss;
 loss.backward(); clip_grad_norm_ over the stitch parameters; AdamW (bts.train.make_optimizer, stitch parameters
@@ -130,7 +130,7 @@ def bench_step(model: BTSForCausalLM, ids: torch.Tensor, repeats: int, verbose: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=8)
