@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from bts import BTSError
 from bts.pipeline import Run
 from bts.recipe import load_recipe
 
@@ -70,6 +71,9 @@ def test_report_and_run_directory(smoke_run):
     md = run.path("report/report.md").read_text()
     assert "| bts |" in md and "license" in md.lower() and "Who feeds the hub, per domain" in md
     assert not run.path("run.lock").exists()
+    # the modularity stage is off by default: nothing measured, no section
+    assert not run.path("modularity").exists() and not run.path("stages/modularity.json").exists()
+    assert "Modularity" not in md
     stitch_metrics = [json.loads(x) for x in run.path("train/stitch/metrics.jsonl").read_text().splitlines()]
     assert "gates" in stitch_metrics[-1] and stitch_metrics[-1]["tok_per_s"] > 0
     # The stitched model saved by the pipeline holds no member weights: only stitches and a manifest.
@@ -124,3 +128,55 @@ def test_a_changed_recipe_is_refused_in_an_existing_run_dir(smoke_run):
                            "stitch.train.steps=99"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "was made with stitch.train.steps=20, not 99" in proc.stderr
     assert run.path("recipe.yaml").read_text() == before
+
+
+# ---- the modularity stage (last: it adds to the shared smoke run) --------------------------------------------------
+@pytest.fixture(scope="module")
+def modularity_run(smoke_run):
+    """The modularity stage on the finished smoke run: only the modularity settings change, so no other stage
+    reruns (a changed modularity section is allowed in an existing run directory)."""
+    run, _ = smoke_run
+    again = Run(load_recipe("smoke", ["modularity.enabled=true"]), run.root)
+    again.all()
+    return again, json.loads(run.path("modularity", "results.json").read_text())
+
+
+def test_modularity_stage_reports_numbers_from_its_results(modularity_run):
+    run, m = modularity_run
+    experts = run.recipe.expert_domains
+    assert m["schema"] == "bts.modularity/1" and set(m["remove"]) == set(experts)
+    assert run.done("modularity")["settings"]["enabled"] is True
+    assert m["add"]["init_avg_loss_diff"] <= 1e-4  # an added expert changes nothing before it trains
+    for d, entry in m["sparse"].items():
+        assert [r["k"] for r in entry["k"]] == [1, 2, 3, 4]
+        assert entry["k"][-1]["change_pct"] == 0  # all experts active is the full model exactly
+        assert entry["k"][0]["experts"][0] in experts
+    md = run.path("report", "report.md").read_text()
+    html = run.path("report", "report.html").read_text()
+    last = experts[-1]
+    for value in (f"{m['add']['added_all'][last]:.4f}", f"{m['remove']['code']['retrained']['prose']:.4f}",
+                  f"{m['seed']['math']:.4f}", f"{m['switch']['before']:.0%}"):
+        assert value in md and value in html
+    k1 = sum(e["k"][0]["change_pct"] for e in m["sparse"].values()) / len(m["sparse"])
+    assert f"the loss changed by {k1:+.2f}% on average" in md
+    for title in ("Modularity (a)", "Modularity (b)", "Modularity (c)", "Modularity: sparse inference",
+                  "does the leading expert switch", "Who feeds the hub, per domain"):
+        assert md.count(title) == 1, title
+    assert run.path("report", "modularity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "settings.json" in {p.name for p in run.path("modularity").iterdir()}
+
+
+def test_modularity_stage_is_not_redone_and_its_tables_print(modularity_run):
+    from bts.modularity import markdown_tables
+
+    run, m = modularity_run
+    marker = run.path("stages", "modularity.json").read_text()
+    run.all(["modularity"])
+    assert run.path("stages", "modularity.json").read_text() == marker
+    assert f"{m['remove']['math']['removed']['legal']:.4f}" in markdown_tables(m)
+
+
+def test_modularity_stage_needs_the_stitched_model(tmp_path):
+    run = Run(load_recipe("smoke", ["modularity.enabled=true"]), tmp_path)
+    with pytest.raises(BTSError, match="needs the stitched model"):
+        run.modularity()

@@ -33,6 +33,11 @@ def test_dotted_overrides_are_typed():
     ("stitch.train.batch_size=5", "must be a multiple of grad_accum"),
     ("data.split_fractions=[1, 0, 0]", "data.split_fractions"),
     ("nonsense", "must look like key.sub=value"),
+    ("modularity.add_fraction=0", "modularity.add_fraction must be in (0, 1] (got 0"),
+    ("modularity.retrain_fraction=1.5", "modularity.retrain_fraction must be in (0, 1] (got 1.5)"),
+    ("modularity.focus_weight=1", "modularity.focus_weight must be in [0, 1) (got 1"),
+    ("modularity.enabled=3", "modularity.enabled must be of type bool (got 3)"),
+    ("modularity.sprase=false", "did you mean 'sparse'"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     if "batch_size=5" in override:
@@ -43,6 +48,14 @@ def test_bad_values_name_the_key(override, fragment):
         load_recipe("smoke", overrides)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_modularity_section():
+    assert not load_recipe("smoke").modularity.enabled and not load_recipe("demo").modularity.enabled
+    assert load_recipe("modularity").modularity.enabled
+    with pytest.raises(BTSError) as err:
+        load_recipe("smoke", ["modularity.enabled=true", "experts.domains=[code]"])
+    assert "modularity.enabled needs at least 2 experts" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_recipe_and_bad_yaml(tmp_path):

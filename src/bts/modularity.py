@@ -427,19 +427,22 @@ def _add_and_remove(run, results, full, experts, losses, batches, out, add_fract
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m bts.modularity RUN_DIR: run measure_modularity on a finished run and print its tables."""
+    """python -m bts.modularity RUN_DIR: run measure_modularity on a finished run and print its tables (what the
+    pipeline's modularity stage does, with the results elsewhere when --out is given)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m bts.modularity", description=measure_modularity.__doc__)
     p.add_argument("run_dir")
     p.add_argument("--add-fraction", type=float, default=0.25)
     p.add_argument("--retrain-fraction", type=float, default=0.25)
+    p.add_argument("--focus-weight", type=float, default=0.5)
+    p.add_argument("--no-sparse", action="store_true", help="skip the sparse-inference losses")
     p.add_argument("--out", help="where results and training logs go (default: RUN_DIR/modularity)")
     args = p.parse_args(argv)
     try:
         run = load_run(args.run_dir)
         results = measure_modularity(run, add_fraction=args.add_fraction, retrain_fraction=args.retrain_fraction,
-                                     out=args.out)
+                                     focus_weight=args.focus_weight, sparse=not args.no_sparse, out=args.out)
     except BTSError as exc:
         print(f"bts: error: {exc}", file=sys.stderr)
         return 2
@@ -459,34 +462,11 @@ def load_run(run_dir):
 
 
 def markdown_tables(results: dict) -> str:
-    """The measurement as markdown tables (held-out loss, nats/token)."""
-    domains = [d for d in results["seed"] if d != "avg"] + ["avg"]
-    head = "| model | " + " | ".join(domains) + " |\n|---|" + "---|" * len(domains) + "\n"
+    """The measurement as the report's Modularity sections, in markdown (held-out loss, nats/token)."""
+    from bts.report import GATES_TITLE, gate_markdown, gate_sentence, modularity_sections
 
-    def row(label, losses):
-        return f"| {label} | " + " | ".join(f"{losses[d]:.4f}" for d in domains) + " |\n"
-
-    add = results["add"]
-    a = head + row("seed", results["seed"]) + row(f"stitched from scratch, all experts ({results['full_stitch_steps']} steps)", results["full"])
-    a += row(f"without {add['expert']} ({results['full_stitch_steps']} steps)", add["without"])
-    a += row(f"+ {add['expert']}, new slots only ({add['steps']} steps)", add["added_new"])
-    a += row(f"+ {add['expert']}, all stitch params ({add['steps']} steps)", add["added_all"])
-    b = head + row("all experts", results["full"])
-    for name, e in results["remove"].items():
-        b += row(f"− {name}", e["removed"]) + row(f"− {name}, retrained {e['retrain_steps']} steps", e["retrained"])
-    c = "| removed | own-domain loss with it | removed | removed + retrained | seed |\n|---|---|---|---|---|\n"
-    for name, e in results["remove"].items():
-        if name in results["seed"]:
-            c += (f"| {name} | {results['full'][name]:.4f} | {e['removed'][name]:.4f} | "
-                  f"{e['retrained'][name]:.4f} | {results['seed'][name]:.4f} |\n")
-    g = ""
-    for domain, layers in results.get("gates", {}).items():
-        for layer, masses in layers.items():
-            if not g:
-                g = "| domain | stitch | " + " | ".join(masses) + " |\n|---|---|" + "---|" * len(masses) + "\n"
-            g += f"| {domain} | {layer} | " + " | ".join(f"{v:.3f}" for v in masses.values()) + " |\n"
-    return (f"(a) adding an expert\n\n{a}\n(b) removing each expert\n\n{b}\n(c) the removed domain\n\n{c}\n"
-            f"mean E→H mixing weight per member on each domain's held-out text\n\n{g}")
+    gates = [(GATES_TITLE, gate_markdown(results["gates"]) + "\n\n" + gate_sentence(results["gates"]))]
+    return "\n\n".join(f"## {title}\n\n{body}" for title, body in modularity_sections(results, gates)) + "\n"
 
 
 if __name__ == "__main__":
