@@ -1,6 +1,6 @@
 """Scaling of P1 (forward), P2 (decode) and P3 (training step) with the number of experts and the sequence length.
 
-    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_scaling.py [--threads 1] [--repeats 3]
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_scaling.py [--threads 1] [--repeats 9]
 
 A smaller model than bench_model.py's (d = 256, 4 layers, 4 stitches: H→E, E→H, H→E, E→H after blocks 1-4,
 vocab 2,048, batch 4) so the whole sweep takes a few minutes on one core:
@@ -104,7 +104,7 @@ def plot(by_n: list[dict], by_seq: list[dict], out: Path, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--experts", default="1,2,4,8", help="n values (at --seq)")
     ap.add_argument("--seqs", default="64,128,256,512", help="sequence lengths (at --n-for-seq experts)")
     ap.add_argument("--seq", type=int, default=256)
