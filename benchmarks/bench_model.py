@@ -58,7 +58,7 @@ def timed(fn) -> float:
 
 
 def with_execution(model, batched: bool):
-    model.set_execution(batched=batched)
+    model.set_execution("batched" if batched else "loop")
     return model
 
 
