@@ -136,8 +136,12 @@ def modularity_run(smoke_run):
     """The modularity stage on the finished smoke run: only the modularity settings change, so no other stage
     reruns (a changed modularity section is allowed in an existing run directory)."""
     run, _ = smoke_run
+    # leftovers of an interrupted stage with other settings must not be resumed into this one
+    run.path("modularity", "train", "stale").mkdir(parents=True)
+    run.path("modularity", "settings.json").write_text('{"add_fraction": 0.5}')
     again = Run(load_recipe("smoke", ["modularity.enabled=true"]), run.root)
     again.all()
+    assert not run.path("modularity", "train", "stale").exists()
     return again, json.loads(run.path("modularity", "results.json").read_text())
 
 

@@ -16,7 +16,8 @@ old members keep theirs, but ∂L/∂p ≠ 0, so training opens it at once. p is
 Removing: the expert's slices are dropped; the E→H softmax then renormalises over the remaining members, which is
 what sparse inference with those members does too (BTSForCausalLM.set_active_experts).
 
-`measure_modularity(run)` is the experiment of docs/modularity.md on a finished pipeline run.
+`measure_modularity(run)` is the experiment of docs/modularity.md on a finished pipeline run; the pipeline's
+`modularity` stage runs it (recipe section `modularity:`) and the report shows it (bts.report.modularity_sections).
 """
 
 from __future__ import annotations
