@@ -17,7 +17,6 @@ Writes docs/scaling.png (two panels: against n, against seq) and docs/scaling.js
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -27,23 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_model  # noqa: E402
-from bench_model import bench_decode, bench_forward, make_members  # noqa: E402
+from bench_model import bench_decode, bench_forward, make_members, with_execution  # noqa: E402
 from bench_train import TARGET as STEP_TARGET  # noqa: E402
 from bench_train import bench_step, expected_step_ratio  # noqa: E402
 
 from bts import BTSForCausalLM  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-
-if "batched" not in inspect.signature(BTSForCausalLM.set_execution).parameters:
-    # bench_model.with_execution calls set_execution(batched=...), which model.py's set_execution("loop" |
-    # "batched") does not take: adapt it here until the two agree (bench_model.py is not this script's to edit).
-    def _with_execution(model, batched: bool):
-        model.set_execution("batched" if batched else "loop")
-        return model
-
-    bench_model.with_execution = _with_execution
 DECODE_TARGET = 0.9
 
 
@@ -57,7 +46,7 @@ def measure(n: int, seq: int, args) -> dict:
     fwd, _, exact = bench_forward(model, members, ids, args.repeats)
     dec = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats)
     dec_batched = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats, batched=True)
-    bench_model.with_execution(model, False)  # training runs the members one after another (as "auto" does in training)
+    with_execution(model, False)  # training runs the members one after another (as "auto" does in training)
     step = bench_step(model, ids, args.repeats)
     expected = expected_step_ratio(model, seq)["ratio"]
     return {"n": n, "seq": seq, "forward_ratio": fwd, "exact_flop_ratio": exact, "decode_ratio": dec,
