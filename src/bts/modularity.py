@@ -258,8 +258,8 @@ def switch_table(model, streams: dict[str, torch.Tensor], half: int, windows: in
             ia, ib = names.index(a), names.index(b)
             switched = (first.mode(-1).values == ia) & (second.mode(-1).values == ib)
             pairs[f"{a}→{b}"] = {"before": float((first == ia).float().mean()),
-                                 "after": float((second == ib).float().mean()), "switched": float(switched.float().mean()),
-                                 "windows": n}
+                                 "after": float((second == ib).float().mean()),
+                                 "switched": float(switched.float().mean()), "windows": n}
     mean = {k: sum(p[k] for p in pairs.values()) / len(pairs) for k in ("before", "after", "switched")} if pairs else {}
     return {"pairs": pairs, **mean, "chance": 1 / len(names), "half": half}
 

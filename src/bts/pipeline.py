@@ -1,7 +1,8 @@
 """The Branch-Train-Stitch pipeline as stages over one run directory.
 
     run = Run(load_recipe("demo"))
-    run.all()    # data → tokenizer → seed → experts → stitch → baselines → evaluate → downstream → modularity → report
+    run.all()   # data → tokenizer → seed → experts → stitch → baselines → evaluate → downstream → modularity
+                #   → report
 
 Each stage writes its outputs under the run directory and, when complete, a marker stages/<stage>.json; running
 again skips finished stages and resumes an interrupted training stage from its last checkpoint. Expert stages are

@@ -337,7 +337,8 @@ def modularity_sections(m: dict, gates_section: list | None = None) -> list[tupl
         text += f": {shares[0]:.0%} and {shares[1]:.0%} of the way to it."
     else:
         text += f"; stitching from scratch with {e} was not better on {e} than without it, so there was no gap."
-    moved = [max(abs(add[f"added_{mode}"][d] - add["without"][d]) for d in domains if d != e) for mode in ("new", "all")]
+    moved = [max(abs(add[f"added_{mode}"][d] - add["without"][d]) for d in domains if d != e)
+             for mode in ("new", "all")]
     text += (f" The other domains' loss moved by at most {moved[0]:.4f} (new slots only) and {moved[1]:.4f} (all "
              f"parameters). Average: {add['added_new']['avg']:.4f} and {add['added_all']['avg']:.4f}, against "
              f"{m['full']['avg']:.4f} from scratch. Before training, the grown model's average loss differed from the "
