@@ -422,3 +422,25 @@ def test_members_given_by_relative_path_reload_from_anywhere(tmp_path, monkeypat
     os.umask(umask)
     mode = (tmp_path / "stitched" / "stitch.safetensors").stat().st_mode & 0o777
     assert mode == 0o666 & ~umask, oct(mode)  # follows the umask, not mkstemp's private 0600
+
+
+def test_in_memory_members_take_the_requested_dtype():
+    hub, experts = tiny_members("llama", 2)
+    model = BTSForCausalLM.from_members(hub, experts, dtype=torch.bfloat16)
+    assert {p.dtype for m in model.members() for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.stitch_parameters()} == {torch.float32}
+
+
+def test_expert_heads_are_frozen_and_dropped_when_the_expert_is_on_disk(tmp_path):
+    hub_dir, expert_dirs = save_members(tmp_path, "llama", 2)
+    on_disk = BTSForCausalLM.from_members(hub_dir, expert_dirs)
+    assert all(e.lm_head.weight.is_meta for e in on_disk._expert_models)  # written by copying files: no head needed
+    hub, experts = tiny_members("llama", 2)
+    in_memory = BTSForCausalLM.from_members(hub, experts)
+    heads = [e.lm_head.weight for e in in_memory._expert_models]
+    assert not any(h.is_meta or h.requires_grad for h in heads)  # kept, to be written out with the model
+    on_disk.save_pretrained(tmp_path / "saved", export_members=True)
+    again = BTSForCausalLM.from_pretrained(tmp_path / "saved")
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, on_disk(ids).logits)

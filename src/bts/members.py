@@ -82,6 +82,8 @@ def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None) -> tuple[n
             hf.check_supported(spec.config)
         if not hasattr(spec, "model") or not hasattr(spec, "lm_head"):
             raise BTSError(f"{role} must be a *ForCausalLM model (got {type(spec).__name__}).")
+        if dtype is not None:  # as from a directory: the model is cast (in place, as nn.Module.to does)
+            spec.to(dtype)
         return spec, getattr(spec, "_bts_source_dir", None)
     from transformers import AutoModelForCausalLM
 

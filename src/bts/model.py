@@ -60,7 +60,14 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         self.hub = freeze(hub)
         # Experts keep only their decoder: their LM heads are never used.
         self.experts = nn.ModuleList(freeze(hf.decoder_of(e)) for e in experts)
-        self._expert_models = list(experts)  # full models, kept only to write them out (plain list: not a submodule)
+        # The full expert models, kept (as a plain list: not submodules) to write out experts that exist only in
+        # memory. An expert loaded from disk is written by copying its files, so its LM head is never used: it is
+        # dropped to the meta device (no memory) unless it is tied to the embeddings.
+        self._expert_models = [freeze(e) for e in experts]
+        for e in self._expert_models:
+            head = e.lm_head.weight
+            if getattr(e, "_bts_source_dir", None) and head.data_ptr() != hf.decoder_of(e).embed_tokens.weight.data_ptr():
+                e.lm_head.to("meta")
         self._claim_cache_slots()
         self._active: list[int] | None = None  # sparse inference: indices of the experts that run (None: all)
         self._execution = "auto"  # execution paths: see set_execution
@@ -156,8 +163,8 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
           "auto" (the default) batches only when a KV cache is in use, i.e. in generate(): decode steps are
           small, so dispatch overhead dominates and batching wins (measured 1.9× on the demo model); long
           training and evaluation forwards measured no gain on CPU (docs/performance.md).
-        checkpoint_members: in training, keep no activations inside member blocks and recompute them in
-          backward: less memory for long sequences, for about one more forward of the members' time."""
+        checkpoint_members: in training, keep no activations inside member blocks and stitch layers (only their
+          inputs) and recompute them in backward: less memory for long sequences, for about one more forward."""
         if members is not None:
             if members not in EXECUTIONS:
                 raise BTSError(f"members must be one of {', '.join(EXECUTIONS)} (got '{members}').")
@@ -240,7 +247,10 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
                 if return_gates:
                     fn = stitch.mixing_weights if return_gates == "effective" else stitch.gate_values
                     gates.append(fn(h0, active=active).detach())
-                h0, experts = stitch(h0, experts, active=active)
+                if remat:  # the stitch's intermediates are recomputed in backward too
+                    h0, experts = checkpoint(stitch, h0, experts, active=active, use_reentrant=False)
+                else:
+                    h0, experts = stitch(h0, experts, active=active)
                 if torch.is_tensor(states):
                     states = torch.cat([h0.unsqueeze(0), experts]).to(dtype)
                 else:
