@@ -94,21 +94,26 @@ def bench_forward(model, members, ids, repeats, batched=False):
     return ratio, floor_brief, floor_exact
 
 
-def bench_decode(model, hub, prompt, new_tokens, repeats, batched=False):
+def bench_decode(model, hub, prompt, new_tokens, repeats) -> dict[str, float]:
+    """Decode ratio of each member execution path; every repeat times loop, batched and the seed back to back."""
     n = model.config.num_experts
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
               pad_token_id=0)
-    with_execution(model, batched).generate(prompt, **kw), hub.generate(prompt, **kw)  # warm-up
-    bts_t, seed_t = [], []
+    paths = ("loop", "batched")
+    for path in paths:
+        with_execution(model, path == "batched").generate(prompt, **kw)  # warm-up
+    hub.generate(prompt, **kw)
+    times = {key: [] for key in (*paths, "seed")}
     for _ in range(repeats):
-        bts_t.append(timed(lambda: with_execution(model, batched).generate(prompt, **kw)))
-        seed_t.append(timed(lambda: hub.generate(prompt, **kw)))
-    bts_tps = new_tokens / statistics.median(bts_t)
-    seed_tps = new_tokens / statistics.median(seed_t)
-    ratio = bts_tps / (seed_tps / (n + 1))
-    print(f"decode batch 1, {new_tokens} tokens, {'batched' if batched else 'loop'}: BTS {bts_tps:.1f} tok/s, "
-          f"seed {seed_tps:.1f} tok/s, seed/(n+1) {seed_tps / (n + 1):.1f} tok/s; ratio {ratio:.3f}")
-    return ratio
+        for path in paths:
+            times[path].append(timed(lambda: with_execution(model, path == "batched").generate(prompt, **kw)))
+        times["seed"].append(timed(lambda: hub.generate(prompt, **kw)))
+    tps = {key: new_tokens / statistics.median(t) for key, t in times.items()}
+    ratios = {path: tps[path] / (tps["seed"] / (n + 1)) for path in paths}
+    print(f"decode batch 1, {new_tokens} tokens: seed {tps['seed']:.1f} tok/s, seed/(n+1) {tps['seed'] / (n + 1):.1f}; "
+          + "; ".join(f"{p} {tps[p]:.1f} tok/s, ratio {ratios[p]:.3f}" for p in paths)
+          + f"; batched/loop {tps['batched'] / tps['loop']:.2f}")
+    return ratios
 
 
 def main() -> None:
@@ -133,10 +138,9 @@ def main() -> None:
     fwd, floor_brief, floor_exact = bench_forward(model, members, ids, args.repeats, batched=False)
     fwd_b, _, _ = bench_forward(model, members, ids, args.repeats, batched=True)
     prompt = torch.randint(3, args.vocab, (1, 16), generator=gen)
-    dec = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats, batched=False)
-    dec_b = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats, batched=True)
+    dec = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats)
     print(f"KEY forward_ratio loop={fwd:.3f} batched={fwd_b:.3f} floor={floor_brief:.3f} "
-          f"exact_flop_ratio={floor_exact:.3f} decode_ratio loop={dec:.3f} batched={dec_b:.3f}")
+          f"exact_flop_ratio={floor_exact:.3f} decode_ratio loop={dec['loop']:.3f} batched={dec['batched']:.3f}")
 
 
 if __name__ == "__main__":

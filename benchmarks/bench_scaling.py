@@ -44,8 +44,8 @@ def measure(n: int, seq: int, args) -> dict:
     prompt = torch.randint(3, args.vocab, (1, seq), generator=gen)
     print(f"-- n={n}, seq={seq}")
     fwd, _, exact = bench_forward(model, members, ids, args.repeats)
-    dec = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats)
-    dec_batched = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats, batched=True)
+    decode = bench_decode(model, members[0], prompt, args.new_tokens, args.repeats)
+    dec, dec_batched = decode["loop"], decode["batched"]
     with_execution(model, False)  # training runs the members one after another (as "auto" does in training)
     step = bench_step(model, ids, args.repeats)
     expected = expected_step_ratio(model, seq)["ratio"]
