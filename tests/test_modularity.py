@@ -209,3 +209,18 @@ def test_gates_command_writes_views(tmp_path):
     html = gates.to_html(mass[1], tokens, names, True, "t")
     assert (tmp_path / "tokens.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "layers.png").stat().st_size
     assert html.count("<span title=") == 20 and "e0" in html
+
+
+def test_sparse_inference_sees_weight_updates_despite_its_row_cache():
+    """Sparse inference keeps the active members' stitch rows between calls; an in-place update must refresh them."""
+    model, _ = _trained(3)
+    model.set_active_experts(["e1"])
+    ids = random_ids()
+    with torch.no_grad():
+        model(ids)  # fills the row cache
+        for p in model.stitch_parameters():
+            p.mul_(0.5)
+        cached = model(ids).logits
+        for stitch in model.stitches:
+            stitch.__dict__.pop("_row_cache", None)
+        assert torch.equal(cached, model(ids).logits)

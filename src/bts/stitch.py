@@ -104,8 +104,9 @@ class StitchLayer(nn.Module):
         if members is None:
             z = self.gate(h0).unflatten(-1, (self.n + 1, self.d))
         else:  # only the active members' rows of W_gate: their logits are all that is computed
-            w = self.gate.weight.view(self.n + 1, self.d, self.d)[members].flatten(0, 1)
-            b = None if self.gate.bias is None else self.gate.bias.view(self.n + 1, self.d)[members].flatten()
+            w = self._rows("gate", self.gate.weight.view(self.n + 1, self.d, self.d), members).flatten(0, 1)
+            b = None if self.gate.bias is None else \
+                self._rows("bias", self.gate.bias.view(self.n + 1, self.d), members).flatten()
             z = F.linear(h0, w, b).unflatten(-1, (len(members), self.d))
         z = self.dropout(z)
         if self.kind == H2E:
@@ -134,12 +135,23 @@ class StitchLayer(nn.Module):
             return w
         return torch.cat([torch.zeros_like(g[..., :1, :]), g[..., 1:, :] * t], -2)
 
+    def _rows(self, name: str, tensor: torch.Tensor, index: list[int]) -> torch.Tensor:
+        """tensor[index] (the active members' rows). In inference the copy is kept while the weights are unchanged
+        (same storage and version), so sparse decoding does not copy weight rows at every step."""
+        if torch.is_grad_enabled():
+            return tensor[index]
+        cache = self.__dict__.setdefault("_row_cache", {})  # plain attribute: not a buffer, never saved
+        key = (tuple(index), tensor.data_ptr(), tensor._version, tensor.dtype)
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, tensor[index])
+        return cache[name][1]
+
     def _blend(self, active: list[int] | None) -> torch.Tensor:
         return self.blend if active is None or self.kind == E2H else self.blend[active]
 
     def _project(self, x: torch.Tensor, active: list[int] | None = None) -> torch.Tensor:
         """x: [k, B, T, d] (or [B, T, d], broadcast to every expert) -> [k, B, T, d] with W_proj_i applied."""
-        proj = self.proj if active is None else self.proj[active]
+        proj = self.proj if active is None else self._rows("proj", self.proj, active)
         if x.dim() == 3:
             return torch.einsum("btd,ned->nbte", x, proj)
         return torch.einsum("nbtd,ned->nbte", x, proj)
