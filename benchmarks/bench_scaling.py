@@ -11,7 +11,8 @@ For each point, with the measurement functions of bench_model.py and bench_train
       after a prompt of seq tokens, so the KV context grows with seq; the prompt's prefill is in both timings),
       with the members run one after another ("loop") and as one batched computation ("batched")
   P3  training step / no-grad forward                 (bench_train.bench_step; dashed: FLOP expectation)
-Writes docs/scaling.png (two panels: against n, against seq) and docs/scaling.json (every number).
+Writes a plot (--out, default scaling.png in the current folder; the docs use --out docs/scaling.png) with two
+panels, against n and against seq, and a JSON of every number next to it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from bench_train import bench_step, expected_step_ratio  # noqa: E402
 
 from bts import BTSForCausalLM  # noqa: E402
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 DECODE_TARGET = 0.9
 
 
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=DOCS / "scaling.png", help="the plot; the JSON goes next to it")
+    ap.add_argument("--out", type=Path, default=Path("scaling.png"), help="the plot (default: %(default)s); the JSON goes next to it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -186,6 +186,10 @@ def test_cli_gates_add_remove(tmp_path):
     assert main(["gates", str(tmp_path / "m"), "w1 w2", "--layer", "9", "--out", str(tmp_path / "g")]) == 2
     assert main(["add-expert", str(tmp_path / "m"), expert_dirs[2], "--name", "c", "--out", str(tmp_path / "m3")]) == 0
     assert main(["add-expert", str(tmp_path / "m"), expert_dirs[2], "--steps", "3", "--out", str(tmp_path / "x")]) == 2
+    # an expert already in the model (same weights, other name) and --domain without a run are refused
+    assert main(["add-expert", str(tmp_path / "m"), expert_dirs[0], "--name", "z", "--out", str(tmp_path / "x")]) == 2
+    assert main(["add-expert", str(tmp_path / "m"), expert_dirs[2], "--domain", "d", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
     assert main(["remove-expert", str(tmp_path / "m3"), "a", "--out", str(tmp_path / "m2")]) == 0
     assert main(["remove-expert", str(tmp_path / "m3"), "zz", "--out", str(tmp_path / "m4")]) == 2
     reduced = BTSForCausalLM.from_pretrained(tmp_path / "m2")

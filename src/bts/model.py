@@ -300,7 +300,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def top_experts(self, input_ids, k: int, attention_mask=None) -> list[str]:
         """The k experts with the most mixing weight (mean over E→H stitches, tokens and channels) on a prompt,
-        measured with every expert active."""
+        measured with every expert active; returned in the model's expert order (not by rank)."""
         n = self.config.num_experts
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
             raise BTSError(f"k must be an integer between 1 and the {n} experts (got {k}).")

@@ -100,6 +100,13 @@ def add_expert(model, new_expert, name: str | None = None):
     names = list(model.config.expert_names)
     if name in names or name == model.config.members[0]["name"]:
         raise BTSError(f"name '{name}' is already a member of this model; choose another --name.")
+    if not isinstance(new_expert, torch.nn.Module):  # the same weights twice add nothing but cost
+        from bts.members import resolve_dir, weights_sha256
+
+        digest = weights_sha256(resolve_dir(str(new_expert), "new expert"))
+        twin = next((m["name"] for m in model.config.members if m.get("sha256") == digest), None)
+        if twin is not None:
+            raise BTSError(f"'{new_expert}' has the same weights as member '{twin}', which is already in this model.")
     new = _rebuild(model, [*model._expert_models, new_expert], [*names, name])
     n = len(names)
     for old_layer, new_layer in zip(model.stitches, new.stitches):

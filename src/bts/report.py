@@ -151,7 +151,9 @@ def write_report(run) -> Path:
     plots = {"curves": plot_training_curves(root, out / "training_loss.png"),
              "bars": plot_heldout_bars(results, out / "heldout_loss.png")}
     modularity_file = root / "modularity" / "results.json"
-    modularity = json.loads(modularity_file.read_text()) if modularity_file.exists() else None
+    # Results of a modularity stage that the recipe no longer enables are not this recipe's: leave them out.
+    enabled = run.recipe.modularity.enabled
+    modularity = json.loads(modularity_file.read_text()) if enabled and modularity_file.exists() else None
     gates = modularity["gates"] if modularity else None
     if "bts" in results["methods"]:
         from bts.modularity import switch_text
@@ -168,8 +170,7 @@ def write_report(run) -> Path:
             gates = gate_table(model, {d: eval_windows(run.stream(d, "heldout"), seq, 8 * seq) for d in run.domains})
     provenance = {d: json.loads((root / "data" / d / "provenance.json").read_text())
                   for d in results["domains"] if (root / "data" / d / "provenance.json").exists()}
-    stages = {p.stem: json.loads(p.read_text())
-              for p in sorted((root / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime)}
+    stages = {p.stem: json.loads(p.read_text()) for p in sorted((root / "stages").glob("*.json"), key=_pipeline_order)}
     sections = build_sections(run, results, provenance, stages)
     extra = []
     if gates:
@@ -216,7 +217,7 @@ def build_sections(run, results, provenance, stages) -> list[tuple[str, str]]:
         ["method", "data", "steps", "batch × seq", "peak lr", "tokens"], budget_rows(run, results, stages))))
     rows = [[s, f"{info.get('wall_s', 0):.0f}", _fmt_int(info.get("tokens")), f"{info['final_loss']:.3f}"
              if "final_loss" in info else "–"] for s, info in stages.items()]
-    sections.append(("Stages (wall time per stage, in the order they ran)",
+    sections.append(("Stages (wall time per stage, in pipeline order)",
                      markdown_table(["stage", "wall (s)", "train tokens", "final train loss"], rows)))
     return sections
 
@@ -462,3 +463,11 @@ def plot_modularity(m: dict, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _pipeline_order(marker: Path) -> int:
+    """Stage markers in the order the pipeline runs them (file times change when a run directory is copied)."""
+    from bts.pipeline import STAGES
+
+    stage = "experts" if marker.stem.startswith("expert-") else marker.stem
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)

@@ -180,6 +180,8 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
         work, trainable, step_hook = _prepare_parallel(model, trainable, mode, device, step_hook)
     if cfg.compile:  # compiled lazily, at the first step (docs/performance.md: minutes on CPU, then faster steps)
         work = torch.compile(work)
+        if main:
+            print(f"[{desc}] torch.compile: the first step compiles the model (minutes on a CPU)", file=sys.stderr)
     optimizer = make_optimizer(trainable, cfg)
     torch.manual_seed(seed)
     start, tokens, losses = 0, 0, []

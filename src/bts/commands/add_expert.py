@@ -16,7 +16,8 @@ HELP = "add an expert to a trained stitched model (exactly the same outputs at f
 def add_arguments(p):
     p.add_argument("stitched", help="a saved stitched model directory")
     p.add_argument("expert", help="the new expert: a model directory branched from the same seed")
-    p.add_argument("--out", required=True, help="output directory (must be empty or new)")
+    p.add_argument("--out", required=True, help="output directory (must be empty or new); training logs and "
+                   "checkpoints go to OUT/train")
     p.add_argument("--name", help="the new expert's name (default: the directory name)")
     p.add_argument("--run-dir", help="a pipeline run whose data streams and stitch mix train the new slots")
     p.add_argument("--domain", help="the run's domain of the new expert (default: its name)")
@@ -49,6 +50,8 @@ def run(args):
 
     out = Path(args.out)
     check_out(out, args.force)
+    if args.domain and not args.run_dir:
+        raise BTSError("--domain chooses training data from a run: it needs --run-dir.")
     if args.steps is not None and args.steps < 0:
         raise BTSError(f"--steps must be 0 or more (got {args.steps}).")
     if args.steps and not args.run_dir:
@@ -61,12 +64,15 @@ def run(args):
         max(1, round(0.25 * run_.recipe.stitch.train.steps)) if run_ else 0)
     if steps:
         domain = args.domain or name
+        if domain not in run_.domains:
+            raise BTSError(f"domain '{domain}' is not in the run's data (domains: {', '.join(run_.domains)}); "
+                           f"pass --domain (and --name) to say which domain the new expert is for.")
         mix = stitch_mix_for(run_, list(grown.config.expert_names), focus=domain, focus_weight=args.focus_weight)
         batches = run_.batcher(mix, run_.recipe.stitch.train, salt=11)
         result = train_stitches(grown, batches, train_config(run_, steps), out / "train",
                                 only=name if args.train == "new" else None, desc=f"add {name}",
                                 seed=run_.recipe.seed)
-        print(f"trained {args.train} stitch parameters for {steps} steps on {mix}: final loss {result.final_loss:.4f}")
+        print(f"trained {args.train} stitch parameters for {steps} steps on {mix}: mean loss of the last steps {result.final_loss:.4f}")
     save(grown, args.stitched, out)
     print(f"saved {out}: experts {', '.join(grown.config.expert_names)}"
           + ("" if steps else " (untrained: outputs equal the input model's)"))

@@ -2,7 +2,9 @@
 
 Writes to DIR:
   gates.json          tokens and, per stitch layer, each token's mixing weight per member (mean over channels; the
-                      blend folded in, so an E→H row sums to 1; H→E: how far each expert moves towards the hub)
+                      blend folded in, so an E→H row sums to 1; H→E: how far each expert moves towards the hub,
+                      negative where its trained blend gate tanh(a) < 0 pushes the stream away from the hub; the
+                      hub's H→E entry is 0: it has no weight of its own there)
   tokens.png          tokens × members for stitch K (default: the last E→H)
   layers.png          stitch layers × members, averaged over the tokens
   gates.html          the text, each token coloured by its dominant member at stitch K (hover: all weights)

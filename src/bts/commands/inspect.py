@@ -66,13 +66,17 @@ def run(args):
         n_i = sum(_prod(s) for k, s in shapes.items() if k.startswith(f"{i}."))
         stitch_total += n_i
         arrow = "experts→hub (softmax)" if kind == E2H else "hub→experts (sigmoid)"
-        print(f"  #{i} after block {pos:>3}: {arrow:<22} {n_i:>12,} trainable  (paper: (2n+1)d² = {(2*n+1)*d*d:,})")
-    total = member_params + stitch_total
-    print(f"trainable {stitch_total:,} / total {total:,} ({100 * stitch_total / max(total, 1):.2f}%); "
+        print(f"  {i + 1} after block {pos:>3}: {arrow:<22} {n_i:>12,} trainable  (paper: (2n+1)d² = {(2*n+1)*d*d:,})")
+    # Loaded: the experts' LM heads are never used, so bts does not load them (unless tied to the embeddings).
+    base = cfg["base_config"]
+    heads = 0 if base.get("tie_word_embeddings") else n * base["vocab_size"] * d
+    total = member_params - heads + stitch_total
+    print(f"trainable {stitch_total:,} / total {total:,} loaded ({100 * stitch_total / max(total, 1):.2f}%; the members' "
+          f"files hold {heads:,} more in the experts' LM heads, which bts does not use); "
           f"init {cfg['stitch_init']}, expert stream after E→H: {cfg['expert_stream']}")
     adam = stitch_total * 4 * 3  # fp32 gradient + two AdamW moments
     for name, width in (("fp32", 4), ("bf16", 2)):
-        weights = member_params * width + stitch_total * 4
+        weights = (member_params - heads) * width + stitch_total * 4
         print(f"memory, members in {name}: weights {_gib(weights)}; training adds {_gib(adam)} for stitch "
               f"gradients + AdamW (members hold none), plus activations")
     if problems:

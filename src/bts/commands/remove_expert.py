@@ -38,7 +38,7 @@ def run(args):
         result = train_stitches(reduced, run_.batcher(mix, run_.recipe.stitch.train, salt=13),
                                 train_config(run_, args.retrain_steps), out / "train", desc=f"retrain without {args.name}",
                                 seed=run_.recipe.seed)
-        print(f"retrained the stitches for {args.retrain_steps} steps: final loss {result.final_loss:.4f}")
+        print(f"retrained the stitches for {args.retrain_steps} steps: mean loss of the last steps {result.final_loss:.4f}")
     save(reduced, args.stitched, out)
     print(f"saved {out}: experts {', '.join(reduced.config.expert_names)}")
     return 0

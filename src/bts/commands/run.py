@@ -3,7 +3,8 @@
 from bts.pipeline import STAGES, Run
 from bts.recipe import builtin_recipes, load_recipe
 
-HELP = "run a recipe's pipeline: data → seed → experts → stitch → baselines → evaluate → report"
+HELP = ("run a recipe's pipeline: data → tokenizer → seed → experts → stitch → baselines → evaluate → downstream → "
+        "modularity → report")
 
 
 def add_arguments(p):
