@@ -116,17 +116,18 @@ def bench_decode(model, hub, prompt, new_tokens, repeats) -> dict[str, float]:
     return ratios
 
 
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The setup every benchmark shares: n experts of a d-wide, L-layer Llama, one batch, CPU threads."""
+    for flag, default in (("--experts", 3), ("--hidden", 256), ("--layers", 8), ("--vocab", 2048), ("--batch", 8),
+                          ("--seq", 256), ("--threads", 1)):
+        ap.add_argument(flag, type=int, default=default, help=f"default {default}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--experts", type=int, default=3)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    add_model_arguments(ap)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     members = make_members(args.experts, args.hidden, args.layers, args.vocab, ff=int(8 * args.hidden / 3) // 64 * 64)

@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import make_members, stitch_flops_per_token  # noqa: E402
+from bench_model import add_model_arguments, make_members, stitch_flops_per_token  # noqa: E402
 
 from bts import BTSForCausalLM  # noqa: E402
 from bts.recipe import TrainConfig  # noqa: E402
@@ -131,15 +131,9 @@ def bench_step(model: BTSForCausalLM, ids: torch.Tensor, repeats: int, verbose: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--experts", type=int, default=3)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    add_model_arguments(ap)
     ap.add_argument("--stitches", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="members' dtype")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--checkpoint-members", action="store_true",
                     help="recompute member blocks in backward instead of keeping their activations")
     args = ap.parse_args()
