@@ -208,16 +208,15 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
                            f"(max_position_embeddings={context}); shorten the prompt or max_new_tokens.")
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + past
-        experts_in = self.experts if self._active is None else [self.experts[a] for a in self._active]
-        states = [hub.embed_tokens(input_ids)] + [e.embed_tokens(input_ids) for e in experts_in]
+        active = self._active  # None: every expert runs
+        running = list(self.experts) if active is None else [self.experts[a] for a in active]
+        states = [hub.embed_tokens(input_ids)] + [e.embed_tokens(input_ids) for e in running]
         masks = hf.build_masks(self.hub.config, states[0], attention_mask, cache, position_ids)
         rope = hf.rotary(hub, states[0], position_ids)
         types = hf.layer_types(self.hub.config)
         kinds, positions = self.config.stitch_kinds, self.config.stitch_positions
         last_e2h = max(p for p, k in zip(positions, kinds) if k == E2H) if E2H in kinds else 0
         stitch_after = dict(zip(positions, self.stitches))
-        active = self._active  # None: every expert runs
-        running = list(self.experts) if active is None else [self.experts[a] for a in active]
         self._claim_cache_slots()
         gates = []
         layer_kwargs = dict(position_embeddings=rope, position_ids=position_ids, cache=cache, use_cache=use_cache)
