@@ -227,3 +227,25 @@ def test_a_run_stored_by_an_older_bts_accepts_options_added_since(tmp_path):
     Run(load_recipe("smoke"), tmp_path).write_manifest()
     with pytest.raises(BTSError, match="stitch.train.steps"):
         Run(load_recipe("smoke", ["stitch.train.steps=99"]), tmp_path).write_manifest()
+
+
+def test_stale_lock_takeover_is_for_one_process_only(tmp_path):
+    """Two runs may both find a crashed run's lock: the one that comes second must see the first's fresh lock
+    (not break it), and a takeover in progress is respected."""
+    from bts.errors import BTSError
+    from bts.pipeline import Run
+    from bts.recipe import load_recipe
+
+    run = Run(load_recipe("smoke"), tmp_path)
+    lock = tmp_path / "run.lock"
+    lock.write_text(str(os.getpid()))  # the other process already took it over: it names a live process now
+    with pytest.raises(BTSError, match=f"in use by process {os.getpid()}"):
+        run._take_over(lock, dead_pid="999999999")
+    assert lock.read_text() == str(os.getpid()) and not (tmp_path / "run.lock.takeover").exists()
+    (tmp_path / "run.lock.takeover").write_text("")
+    lock.write_text("999999999")
+    with pytest.raises(BTSError, match="being taken over"):
+        run._take_over(lock, dead_pid="999999999")
+    (tmp_path / "run.lock.takeover").unlink()
+    os.close(run._take_over(lock, dead_pid="999999999"))  # alone, it takes over
+    assert lock.exists() and lock.read_text() == ""

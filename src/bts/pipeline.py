@@ -103,17 +103,36 @@ class Run:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             pid = lock.read_text().strip() or "?"
-            if pid.isdigit() and not _alive(int(pid)):
-                lock.unlink(missing_ok=True)  # left by a crashed run
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            else:
+            if not (pid.isdigit() and not _alive(int(pid))):
                 raise BTSError(f"run directory '{self.root}' is in use by process {pid} (remove {lock} if it is not).")
+            fd = self._take_over(lock, pid)
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         try:
             yield
         finally:
             lock.unlink(missing_ok=True)
+
+    def _take_over(self, lock: Path, dead_pid: str) -> int:
+        """Replace the lock of a crashed run. Two processes may both find it stale: only the one that creates the
+        side file <lock>.takeover may replace it, and only if the lock still names the dead process (the other
+        may have replaced it already)."""
+        guard = lock.with_name(lock.name + ".takeover")
+        try:
+            guard_fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise BTSError(f"run directory '{self.root}' is being taken over by another process "
+                           f"(remove {guard} if none is running).") from None
+        try:
+            now = lock.read_text().strip() if lock.exists() else dead_pid
+            if now != dead_pid:
+                raise BTSError(f"run directory '{self.root}' is in use by process {now or '?'} "
+                               f"(remove {lock} if it is not).")
+            lock.unlink(missing_ok=True)
+            return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        finally:
+            os.close(guard_fd)
+            guard.unlink(missing_ok=True)
 
     def write_manifest(self) -> None:
         current = recipe_to_dict(self.recipe)
