@@ -228,3 +228,15 @@ def test_sparse_inference_sees_weight_updates_despite_its_row_cache():
         for stitch in model.stitches:
             stitch.__dict__.pop("_row_cache", None)
         assert torch.equal(cached, model(ids).logits)
+
+
+def test_sparse_table_scores_expert_domains_and_refuses_other_keys():
+    from bts.modularity import sparse_table
+
+    model, _ = _trained(2)
+    windows = {"e0": random_ids(3, 8, seed=1), "other": random_ids(3, 8, seed=2)}
+    table = sparse_table(model, windows)
+    assert list(table) == ["e0"] and [r["k"] for r in table["e0"]["k"]] == [1, 2]
+    assert abs(table["e0"]["k"][-1]["change_pct"]) < 1e-4  # k = n is the full model
+    with pytest.raises(BTSError, match="expert names"):
+        sparse_table(model, {"code": random_ids(3, 8)})

@@ -293,6 +293,9 @@ def sparse_table(model, windows: dict[str, torch.Tensor]) -> dict:
     chosen on the first held-out window (model.top_experts) and the rest of the windows are scored with only them
     active, for k = 1..n, against the full model on the same windows."""
     names = list(model.config.expert_names)
+    if not any(d in windows and len(windows[d]) >= 2 for d in names):
+        raise BTSError(f"sparse_table scores each expert on its own domain: give windows keyed by expert names "
+                       f"({', '.join(names)}), at least 2 per domain (got {', '.join(windows) or 'none'}).")
     table = {}
     try:
         for d in names:
