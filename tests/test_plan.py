@@ -74,3 +74,11 @@ def test_missing_config(tmp_path):
         make_plan(str(tmp_path / "nope"), experts=1)
     with pytest.raises(BTSError, match="no config.json"):
         make_plan(str(tmp_path), experts=1)
+
+
+def test_shipped_shapes_plan_by_name(paper_seed):
+    """`bts plan paper-2.7b` and `bts plan llama-3.1-8b` need no config of the user's (docs/distributed.md)."""
+    shipped = make_plan("paper-2.7b", experts=3, stitches=4)
+    assert shipped["stitch_params_paper"] == make_plan(str(paper_seed), experts=3, stitches=4)["stitch_params_paper"]
+    assert shipped["phases"][0].total == 2_691_296_256
+    assert make_plan("llama-3.1-8b", experts=3)["phases"][0].total == 8_030_261_248  # Llama-3.1-8B's count

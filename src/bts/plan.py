@@ -57,13 +57,22 @@ class Arch:
         return 2 * (self.layers * self.layer_matmul + self.head)
 
 
+# Shapes shipped with bts, usable by name: `bts plan paper-2.7b --experts 3` (the paper's seed as method.md
+# reconciles it) and `bts plan llama-3.1-8b …` (Llama-3.1-8B's published shape). Configs only, no weights.
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
+
 def load_arch(source: str) -> Arch:
-    """An Arch from a model directory or a config.json (only the config is read)."""
+    """An Arch from a model directory, a config.json or a shipped shape's name (only the config is read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(source)
+    if not path.exists() and (SHIPPED_CONFIGS / source / "config.json").exists():
+        path = SHIPPED_CONFIGS / source
     if not path.exists():
-        raise BTSError(f"CONFIG_OR_MODEL '{source}' is neither a model directory nor a config file.")
+        shipped = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.iterdir() if p.is_dir()))
+        raise BTSError(f"CONFIG_OR_MODEL '{source}' is neither a model directory, a config file nor a shipped "
+                       f"shape ({shipped}).")
     if path.is_dir() and not (path / "config.json").exists():
         raise BTSError(f"CONFIG_OR_MODEL '{source}' has no config.json.")
     try:

@@ -9,7 +9,8 @@ HELP = "plan a real-size run from a model config: parameters, per-device memory 
 
 
 def add_arguments(p):
-    p.add_argument("model", metavar="CONFIG_OR_MODEL", help="a model directory or its config.json (no weights read)")
+    p.add_argument("model", metavar="CONFIG_OR_MODEL", help="a model directory, its config.json, or a shipped shape: paper-2.7b, "
+                   "llama-3.1-8b (no weights read)")
     p.add_argument("--experts", type=int, required=True, help="number of experts branched from the seed")
     p.add_argument("--gpus", type=int, default=8, help="devices per job (FSDP2 shards over them; default 8)")
     p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB", help="memory per device (default 80)")
