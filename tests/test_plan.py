@@ -82,3 +82,15 @@ def test_shipped_shapes_plan_by_name(paper_seed):
     assert shipped["stitch_params_paper"] == make_plan(str(paper_seed), experts=3, stitches=4)["stitch_params_paper"]
     assert shipped["phases"][0].total == 2_691_296_256
     assert make_plan("llama-3.1-8b", experts=3)["phases"][0].total == 8_030_261_248  # Llama-3.1-8B's count
+
+
+def test_checkpointed_stitch_training_keeps_less_and_changes_nothing_else():
+    plain = make_plan("llama-3.1-8b", experts=3)
+    ckpt = make_plan("llama-3.1-8b", experts=3, checkpoint_members=True)
+    for a, b in zip(plain["phases"], ckpt["phases"]):
+        if a.name == "stitch training":
+            assert b.memory["fsdp2"]["activations"] < a.memory["fsdp2"]["activations"] / 4
+            assert {k: v for k, v in b.memory["fsdp2"].items() if k not in ("activations", "total")} == \
+                {k: v for k, v in a.memory["fsdp2"].items() if k not in ("activations", "total")}
+        else:
+            assert a.memory == b.memory

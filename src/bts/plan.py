@@ -127,7 +127,7 @@ def stitch_counts(arch: Arch, n: int, k: int, init: str = "blend") -> tuple[int,
 
 
 def make_plan(source: str, *, experts: int, gpus: int = 8, gpu_mem_gib: float = 80.0, seq: int = 4096,
-              micro_batch: int = 1, stitches: int = 4) -> dict:
+              micro_batch: int = 1, stitches: int = 4, checkpoint_members: bool = False) -> dict:
     for name, value, low in (("--experts", experts, 1), ("--gpus", gpus, 1), ("--seq", seq, 1),
                              ("--micro-batch", micro_batch, 1), ("--stitches", stitches, 1)):
         if value < low:
@@ -168,22 +168,27 @@ def make_plan(source: str, *, experts: int, gpus: int = 8, gpu_mem_gib: float = 
                   stitch_attn, 0, stitch_layers=stitches, kv_cache_layers=L + n * last_e2h)
     phases = [seed, expert, stitch, infer]
     for ph in phases:
-        _memory(ph, arch, n, gpus, seq, micro_batch, gpu_mem_gib)
+        _memory(ph, arch, n, gpus, seq, micro_batch, gpu_mem_gib, checkpoint_members and ph is stitch)
     return {"source": str(source), "arch": arch, "experts": n, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "seq": seq,
             "micro_batch": micro_batch, "stitches": stitches, "stitch_positions": positions, "stitch_kinds": kinds,
-            "stitch_params": built, "stitch_params_paper": paper, "phases": phases}
+            "stitch_params": built, "stitch_params_paper": paper, "phases": phases,
+            "checkpoint_members": checkpoint_members}
 
 
 def activation_bytes_per_layer(arch: Arch, seq: int, batch: int) -> int:
     return 2 * batch * seq * (6 * arch.d + 2 * arch.kv_heads * arch.head_dim + 3 * arch.ffn)
 
 
-def _memory(ph: Phase, arch: Arch, n: int, gpus: int, seq: int, batch: int, gpu_mem_gib: float) -> None:
+def _memory(ph: Phase, arch: Arch, n: int, gpus: int, seq: int, batch: int, gpu_mem_gib: float,
+            checkpointed: bool = False) -> None:
     weights = WEIGHT_B * ph.total
     grads = GRAD_B * ph.trainable
     optim = OPTIM_B * ph.trainable
     if ph.kv_cache_layers:  # inference: KV cache in bf16 instead of activations
         acts = 2 * 2 * ph.kv_cache_layers * arch.kv_heads * arch.head_dim * seq * batch
+    elif checkpointed:  # stitch.checkpoint_members: blocks and stitches keep their inputs; one block is recomputed
+        acts = ph.grad_layers * 2 * batch * seq * arch.d + activation_bytes_per_layer(arch, seq, batch)
+        acts += ph.stitch_layers * 4 * batch * seq * (n + 1) * arch.d + batch * seq * arch.vocab * 6
     else:
         acts = ph.grad_layers * activation_bytes_per_layer(arch, seq, batch) + batch * seq * arch.vocab * 6
         acts += ph.stitch_layers * 4 * batch * seq * (n + 1) * arch.d * 3
@@ -218,7 +223,8 @@ def format_plan(plan: dict) -> str:
              f"parameters as built ({plan['stitch_params_paper']:,} = K·(2n+1)·d² as the paper counts them)",
              f"per device: G={plan['gpus']} devices of {plan['gpu_mem_gib']:g} GiB, micro-batch "
              f"{plan['micro_batch']} x seq {plan['seq']}; bf16 weights/grads, fp32 AdamW master + 2 moments; "
-             "no activation checkpointing", ""]
+             + ("member blocks and stitches checkpointed in stitch training" if plan.get("checkpoint_members")
+                else "no activation checkpointing"), ""]
     head = f"{'phase':<40} {'total':>8} {'trainable':>9} {'active':>8} | {'GFLOP/token fwd':>27} {'train':>7}"
     lines += [head, "-" * len(head)]
     for ph in plan["phases"]:

@@ -17,12 +17,15 @@ def add_arguments(p):
     p.add_argument("--seq", type=int, default=4096, help="sequence length (default 4096)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per device per micro-step (default 1)")
     p.add_argument("--stitches", type=int, default=4, help="stitch layers K (default 4)")
+    p.add_argument("--checkpoint-members", action="store_true",
+                   help="stitch training with stitch.checkpoint_members (blocks and stitches keep only their inputs)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def run(args):
     plan = make_plan(args.model, experts=args.experts, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, seq=args.seq,
-                     micro_batch=args.micro_batch, stitches=args.stitches)
+                     micro_batch=args.micro_batch, stitches=args.stitches,
+                     checkpoint_members=args.checkpoint_members)
     if args.json:
         plan = {**plan, "arch": asdict(plan["arch"]), "phases": [asdict(p) for p in plan["phases"]]}
         print(json.dumps(plan, indent=1))
