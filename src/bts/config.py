@@ -15,21 +15,17 @@ from bts.stitch import stitch_kinds, stitch_positions
 
 
 @strict
-class BTSConfig(PreTrainedConfig):
-    model_type = "bts"
+class CompositeConfig(PreTrainedConfig):
+    """A model made of several members of one architecture (`base_config`), listed in `members`.
+
+    The fields after `members` are derived from base_config (`derive_from_base`) so that generic HF code — generate's
+    KV cache, lm-eval, special tokens — sees the right numbers. Subclasses set model_type, add their own fields and
+    say how many members' layers the KV cache holds (`cache_copies`)."""
+
     sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     base_config: dict | PreTrainedConfig | None = None
-    num_experts: int = 1
-    expert_names: list | None = None
-    stitch_positions: list | None = None  # 1-indexed: a stitch after block p
-    stitch_kinds: list | None = None  # "e2h" / "h2e", one per position
-    stitch_init: str = "blend"
-    stitch_beta: float = 8.0
-    gate_dropout: float = 0.0
-    expert_stream: str = "raw"
-    members: list | None = None  # [{"name", "path", "sha256"}], hub first
-    # Derived from base_config so generic HF code (generate's cache, lm-eval) sees the right numbers.
+    members: list | None = None  # [{"name", "path", "sha256"}], hub / seed first
     num_hidden_layers: int | None = None
     layer_types: list | None = None
     hidden_size: int | None = None
@@ -40,6 +36,30 @@ class BTSConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         kwargs.setdefault("loss_type", "ForCausalLM")
         super().__post_init__(**kwargs)
+        self.fill_defaults()
+        derive_from_base(self, copies=self.cache_copies())
+
+    def fill_defaults(self) -> None:
+        """Subclasses complete their own fields here, before the derived ones are set."""
+
+    def cache_copies(self) -> int:
+        raise NotImplementedError
+
+
+@strict
+class BTSConfig(CompositeConfig):
+    model_type = "bts"
+
+    num_experts: int = 1
+    expert_names: list | None = None
+    stitch_positions: list | None = None  # 1-indexed: a stitch after block p
+    stitch_kinds: list | None = None  # "e2h" / "h2e", one per position
+    stitch_init: str = "blend"
+    stitch_beta: float = 8.0
+    gate_dropout: float = 0.0
+    expert_stream: str = "raw"
+
+    def fill_defaults(self) -> None:
         n_layers = self.base_config.num_hidden_layers
         if self.stitch_positions is None:
             self.stitch_positions = stitch_positions(n_layers, min(4, n_layers))
@@ -47,7 +67,9 @@ class BTSConfig(PreTrainedConfig):
             self.stitch_kinds = stitch_kinds(len(self.stitch_positions))
         if self.expert_names is None:
             self.expert_names = [f"expert{i + 1}" for i in range(self.num_experts)]
-        derive_from_base(self, copies=self.num_experts + 1)
+
+    def cache_copies(self) -> int:
+        return self.num_experts + 1  # every member's layers hold a KV-cache slot
 
 
 def derive_from_base(config, copies: int) -> None:

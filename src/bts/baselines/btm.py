@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin, PreTrainedConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin,
                           PreTrainedModel)
-from transformers.configuration_utils import SubConfigSpec
 
 from bts import hf
-from bts.config import derive_from_base
+from bts.config import CompositeConfig
 from bts.errors import BTSError
 from bts.members import Member, check_compatible, freeze, load_causal_lm, weights_sha256
 
@@ -104,30 +103,20 @@ def positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tens
 
 # ---- config ---------------------------------------------------------------------------------------------------------
 @strict
-class BTMConfig(PreTrainedConfig):
+class BTMConfig(CompositeConfig):
     model_type = "bts_btm"
-    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
-    base_config: dict | PreTrainedConfig | None = None
-    members: list | None = None  # [{"name", "path", "sha256"}], seed first
     prior: list | None = None  # probabilities, one per member; None = uniform
     prior_type: str = "uniform"  # "uniform" or "cached" (fitted by fit_prior)
     top_k: int | None = None  # mix only the k members with the highest posterior (renormalised)
-    # Derived from base_config, so generate's placeholder cache and lm-eval see sensible numbers.
     num_members: int = 1
-    num_hidden_layers: int | None = None
-    layer_types: list | None = None
-    hidden_size: int | None = None
-    vocab_size: int | None = None
-    max_position_embeddings: int | None = None
-    tie_word_embeddings: bool = False
 
-    def __post_init__(self, **kwargs):
-        kwargs.setdefault("loss_type", "ForCausalLM")
-        super().__post_init__(**kwargs)
+    def fill_defaults(self) -> None:
         if self.members is not None:
             self.num_members = len(self.members)
-        derive_from_base(self, copies=self.num_members)
+
+    def cache_copies(self) -> int:
+        return self.num_members  # every member runs on every sequence
 
 
 def _check_options(num_members: int, prior, prior_type: str, top_k) -> None:

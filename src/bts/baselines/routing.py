@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.configuration_utils import SubConfigSpec
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from bts.atomic import atomic_save_safetensors
 from bts.baselines.btm import (as_batch, load_member_set, member_manifest, positions_from_mask, reload_members,
                                save_member_manifest, token_logprobs)
-from bts.config import derive_from_base
+from bts.config import CompositeConfig
 from bts.errors import BTSError
 from bts.members import freeze
 
@@ -158,26 +157,17 @@ def _check_members(members) -> list[nn.Module]:
 
 # ---- the routed model ---------------------------------------------------------------------------------------------
 @strict
-class RoutedConfig(PreTrainedConfig):
+class RoutedConfig(CompositeConfig):
     model_type = "bts_routed"
-    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
-    base_config: dict | PreTrainedConfig | None = None
-    members: list | None = None  # [{"name", "path", "sha256"}], seed first
     num_members: int = 1
-    num_hidden_layers: int | None = None
-    layer_types: list | None = None
-    hidden_size: int | None = None
-    vocab_size: int | None = None
-    max_position_embeddings: int | None = None
-    tie_word_embeddings: bool = False
 
-    def __post_init__(self, **kwargs):
-        kwargs.setdefault("loss_type", "ForCausalLM")
-        super().__post_init__(**kwargs)
+    def fill_defaults(self) -> None:
         if self.members is not None:
             self.num_members = len(self.members)
-        derive_from_base(self, copies=1)  # one member runs per sequence
+
+    def cache_copies(self) -> int:
+        return 1  # one member runs per sequence
 
 
 class RoutedModel(PreTrainedModel, GenerationMixin):
