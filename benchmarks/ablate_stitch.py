@@ -21,10 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bts.data import eval_windows, heldout_loss  # noqa: E402
-from bts.pipeline import Run  # noqa: E402
-from bts.recipe import load_recipe  # noqa: E402
-from bts.train import train  # noqa: E402
+from bts.data.streams import eval_windows, heldout_loss  # noqa: E402
+from bts.pipeline.run import Run  # noqa: E402
+from bts.pipeline.recipe import load_recipe  # noqa: E402
+from bts.train.loop import train  # noqa: E402
 
 DEFAULT_VARIANTS = [
     "init=blend", "init=blend lr=0.01", "init=blend lr=0.03", "init=bias lr=0.01", "init=bias beta=2 lr=0.01",

@@ -4,7 +4,7 @@
 
 Each configuration (members in float32, then bfloat16; stitches always fp32) runs in a fresh subprocess, so one
 cannot inherit the other's allocations. There the model is built, two warm-up steps run (the first allocates Adam's
-moments), and then one step exactly as bts.train runs it (forward with labels, backward, clip_grad_norm_, AdamW over
+moments), and then one step exactly as bts.train.loop runs it (forward with labels, backward, clip_grad_norm_, AdamW over
 the stitch parameters, zero_grad(set_to_none=True)) is measured three ways:
 
 * Peak (the figure used): torch.profiler(profile_memory=True) reports every CPU tensor allocation and free made
@@ -47,8 +47,8 @@ from bench_model import add_model_arguments, make_members  # noqa: E402
 from bench_train import graph_layout  # noqa: E402
 
 from bts import BTSForCausalLM  # noqa: E402
-from bts.recipe import TrainConfig  # noqa: E402
-from bts.train import make_optimizer  # noqa: E402
+from bts.pipeline.recipe import TrainConfig  # noqa: E402
+from bts.train.loop import make_optimizer  # noqa: E402
 
 MB = 2**20
 

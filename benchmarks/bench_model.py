@@ -8,7 +8,7 @@
 2. Greedy decode (batch 1, with cache): BTS tokens/s against the seed's tokens/s divided by n+1 (the cost of n+1
    members with zero overhead).
 Both are measured for the two execution paths: "loop" (each member's Hugging Face layer in turn, the reference)
-and "batched" (block i of every member as one batched matmul over stacked weights, bts.batched).
+and "batched" (block i of every member as one batched matmul over stacked weights, bts.core.batched).
 Measurements are interleaved (BTS, then each member, per repeat) and summarised by medians, so slow drifts of a
 shared machine hit both sides alike.
 """

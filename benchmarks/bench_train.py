@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_train.py [--threads 1] [--repeats 7] [--dtype bfloat16] [--checkpoint-members]
 
-Numerator: one stitch-training step exactly as bts.train runs it: model.train(); loss = model(ids, labels=ids).loss;
+Numerator: one stitch-training step exactly as bts.train.loop runs it: model.train(); loss = model(ids, labels=ids).loss;
 loss.backward(); clip_grad_norm_ over the stitch parameters; AdamW (bts.train.make_optimizer, stitch parameters
 only) .step(); zero_grad(set_to_none=True).
 Denominator: the stitched forward on the same batch, in eval mode, under no_grad, use_cache=False (what
@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model import add_model_arguments, make_members, stitch_flops_per_token  # noqa: E402
 
 from bts import BTSForCausalLM  # noqa: E402
-from bts.recipe import TrainConfig  # noqa: E402
-from bts.stitch import E2H, H2E  # noqa: E402
-from bts.train import make_optimizer  # noqa: E402
+from bts.pipeline.recipe import TrainConfig  # noqa: E402
+from bts.core.stitch import E2H, H2E  # noqa: E402
+from bts.train.loop import make_optimizer  # noqa: E402
 
 TARGET = 2.3
 

@@ -99,7 +99,7 @@ def _eval_context(max_length, max_new_tokens):
     return make
 
 
-# bts.members.load_causal_lm words a corrupt member as "could not be loaded: <safetensors' message>": it names the
+# bts.core.members.load_causal_lm words a corrupt member as "could not be loaded: <safetensors' message>": it names the
 # member but not the file and does not end as a sentence (members.py is outside this test's owner's reach).
 
 CASES = [

@@ -11,8 +11,8 @@ from argparse import Namespace
 
 import pytest
 
-from bts import corpora
-from bts.corpora import BUILTIN_DOMAINS, Document, cap_documents, fixture_corpus, load_domain, split_by_group
+from bts.data import corpora
+from bts.data.corpora import BUILTIN_DOMAINS, Document, cap_documents, fixture_corpus, load_domain, split_by_group
 from bts.errors import BTSError
 
 
@@ -209,7 +209,7 @@ def test_code_corpus_from_stdlib_is_cached_with_provenance(tmp_path):
 
 
 def test_bts_data_prints_a_table(tmp_path, capsys):
-    from bts.commands import data
+    from bts.cli.commands import data
 
     args = Namespace(domains=["code"], cache_dir=str(tmp_path), refresh=False, write_fixtures=str(tmp_path / "fx"))
     assert data.run(args) == 0

@@ -15,11 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import VOCAB, tiny_members, tiny_model
 
-from bts import BTSForCausalLM, distributed
-from bts.data import Batcher
+from bts import BTSForCausalLM
+from bts.train import distributed
+from bts.data.streams import Batcher
 from bts.errors import BTSError
-from bts.recipe import TrainConfig
-from bts.train import train
+from bts.pipeline.recipe import TrainConfig
+from bts.train.loop import train
 
 ATOL = 1e-5
 
@@ -172,7 +173,7 @@ def test_uneven_batch_split_is_refused():
 
 
 def test_expert_commands_one_per_expert(tmp_path):
-    from bts.recipe import load_recipe
+    from bts.pipeline.recipe import load_recipe
 
     recipe = load_recipe("demo")
     lines = distributed.expert_commands("demo", recipe, str(tmp_path), ["stitch.train.steps=5"])

@@ -13,10 +13,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from bts import BTSForCausalLM
-from bts.downstream import scoring, tasks
-from bts.downstream.scoring import (encode_pair, evaluate_task, evaluate_tasks, fewshot_prefix, final_number,
+from bts.eval.downstream import scoring, tasks
+from bts.eval.downstream.scoring import (encode_pair, evaluate_task, evaluate_tasks, fewshot_prefix, final_number,
                                     generate, loglikelihoods, markdown_table, run_code_tests)
-from bts.downstream.tasks import FIXTURES, TASKS, ensure_tasks, load_task, split_pool
+from bts.eval.downstream.tasks import FIXTURES, TASKS, ensure_tasks, load_task, split_pool
 from bts.errors import BTSError
 from helpers import tiny_members, tiny_model
 

@@ -9,8 +9,8 @@ import yaml
 lm_eval = pytest.importorskip("lm_eval")
 
 from bts import BTSForCausalLM  # noqa: E402
-from bts.downstream import lmeval  # noqa: E402
-from bts.downstream.tasks import FIXTURES  # noqa: E402
+from bts.eval.downstream import lmeval  # noqa: E402
+from bts.eval.downstream.tasks import FIXTURES  # noqa: E402
 from bts.errors import BTSError  # noqa: E402
 from helpers import tiny_members  # noqa: E402
 from test_downstream import tiny_tokenizer  # noqa: E402

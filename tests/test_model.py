@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import bts  # noqa: F401  (registers model_type "bts" with the Auto classes)
 from bts import BTSError, BTSForCausalLM, StitchLayer
-from bts.stitch import E2H, H2E, stitch_kinds, stitch_positions
+from bts.core.stitch import E2H, H2E, stitch_kinds, stitch_positions
 
 
 def _stitched(arch="llama", n=2, **kw):

@@ -10,9 +10,9 @@ from helpers import open_stitches, random_ids, save_members, tiny_members
 
 import bts  # noqa: F401
 from bts import BTSError, BTSForCausalLM
-from bts.modularity import _new_slot_masks, add_expert, remove_expert, train_stitches
-from bts.recipe import TrainConfig
-from bts.stitch import E2H
+from bts.pipeline.modularity import _new_slot_masks, add_expert, remove_expert, train_stitches
+from bts.pipeline.recipe import TrainConfig
+from bts.core.stitch import E2H
 
 
 def _trained(n=3, init="blend", **kw):
@@ -201,7 +201,7 @@ def test_cli_gates_add_remove(tmp_path):
 
 
 def test_gates_command_writes_views(tmp_path):
-    from bts.commands import gates
+    from bts.cli.commands import gates
 
     model, _ = _trained(2)
     ids = random_ids(1, 20)[0]
@@ -231,7 +231,7 @@ def test_sparse_inference_sees_weight_updates_despite_its_row_cache():
 
 
 def test_sparse_table_scores_expert_domains_and_refuses_other_keys():
-    from bts.modularity import sparse_table
+    from bts.pipeline.modularity import sparse_table
 
     model, _ = _trained(2)
     windows = {"e0": random_ids(3, 8, seed=1), "other": random_ids(3, 8, seed=2)}

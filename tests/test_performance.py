@@ -1,7 +1,7 @@
 """Memory invariants behind the P4 benchmark (benchmarks/bench_memory.py), asserted rather than measured.
 
 Covered elsewhere, not repeated here: frozen members bit-identical after a hand-written training loop and no
-autograd graph before the first stitch (test_model.py), the hub unchanged after bts.train (test_train.py),
+autograd graph before the first stitch (test_model.py), the hub unchanged after bts.train.loop (test_train.py),
 bf16 member / fp32 stitch dtypes (test_model.py).
 """
 
@@ -12,9 +12,9 @@ import torch
 from helpers import VOCAB, tiny_members
 
 from bts import BTSForCausalLM
-from bts import train as train_module
-from bts.data import Batcher
-from bts.recipe import TrainConfig
+from bts.train import loop as train_module
+from bts.data.streams import Batcher
+from bts.pipeline.recipe import TrainConfig
 
 
 def _batcher():
@@ -29,7 +29,7 @@ def _bytes(tensors) -> int:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bts_train_gives_members_no_grad_and_no_optimizer_state(tmp_path, monkeypatch, dtype):
-    """Through bts.train's own loop (bf16: autocast, as the recipe's dtype option does): no member parameter
+    """Through bts.train.loop's own loop (bf16: autocast, as the recipe's dtype option does): no member parameter
     gets a .grad or optimizer state, the optimizer holds exactly the stitch parameters, and every member —
     the experts' unused LM heads included — stays bit-identical."""
     hub, experts = tiny_members("llama", 2)
@@ -39,7 +39,7 @@ def test_bts_train_gives_members_no_grad_and_no_optimizer_state(tmp_path, monkey
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in full_members]
     captured, grads_seen = [], []
 
-    def capture(trainable, cfg):  # bts.train's own optimizer, watched just before each step
+    def capture(trainable, cfg):  # bts.train.loop's own optimizer, watched just before each step
         opt = make_optimizer(trainable, cfg)
         opt.register_step_pre_hook(lambda *_: grads_seen.append(
             ({id(p): p.grad for p in member_params}, {id(p): p.grad for p in model.stitch_parameters()})))

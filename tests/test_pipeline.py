@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from bts import BTSError
-from bts.pipeline import Run
-from bts.recipe import load_recipe
+from bts.pipeline.run import Run
+from bts.pipeline.recipe import load_recipe
 
 SCHEMA_FIELDS = ("heldout_loss", "avg_heldout_loss", "trainable_params", "total_params", "active_params")
 
@@ -148,7 +148,7 @@ def modularity_run(smoke_run):
 def test_modularity_stage_reports_numbers_from_its_results(modularity_run):
     run, m = modularity_run
     experts = run.recipe.expert_domains
-    assert m["schema"] == "bts.modularity/1" and set(m["remove"]) == set(experts)
+    assert m["schema"] == "bts.pipeline.modularity/1" and set(m["remove"]) == set(experts)
     assert run.done("modularity")["settings"]["enabled"] is True
     assert m["add"]["init_avg_loss_diff"] <= 1e-4  # an added expert changes nothing before it trains
     for d, entry in m["sparse"].items():
@@ -171,7 +171,7 @@ def test_modularity_stage_reports_numbers_from_its_results(modularity_run):
 
 
 def test_modularity_stage_is_not_redone_and_its_tables_print(modularity_run):
-    from bts.modularity import markdown_tables
+    from bts.pipeline.modularity import markdown_tables
 
     run, m = modularity_run
     marker = run.path("stages", "modularity.json").read_text()

@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 
 from bts.cli import main
 from bts.errors import BTSError
-from bts.plan import GIB, make_plan
+from bts.core.plan import GIB, make_plan
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 
 from bts import BTSError
-from bts.recipe import builtin_recipes, load_recipe
+from bts.pipeline.recipe import builtin_recipes, load_recipe
 
 
 def test_builtin_recipes_load():

@@ -217,8 +217,8 @@ def test_a_run_stored_by_an_older_bts_accepts_options_added_since(tmp_path):
     import yaml
 
     from bts.errors import BTSError
-    from bts.pipeline import Run
-    from bts.recipe import load_recipe
+    from bts.pipeline.run import Run
+    from bts.pipeline.recipe import load_recipe
 
     Run(load_recipe("smoke"), tmp_path).write_manifest()
     stored = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
@@ -233,8 +233,8 @@ def test_stale_lock_takeover_is_for_one_process_only(tmp_path):
     """Two runs may both find a crashed run's lock: the one that comes second must see the first's fresh lock
     (not break it), and a takeover in progress is respected."""
     from bts.errors import BTSError
-    from bts.pipeline import Run
-    from bts.recipe import load_recipe
+    from bts.pipeline.run import Run
+    from bts.pipeline.recipe import load_recipe
 
     run = Run(load_recipe("smoke"), tmp_path)
     lock = tmp_path / "run.lock"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bts.downstream import sandbox
-from bts.downstream.sandbox import humaneval_program, isolation, run_python
+from bts.eval.downstream import sandbox
+from bts.eval.downstream.sandbox import humaneval_program, isolation, run_python
 
 IS_ROOT = os.geteuid() == 0
 

@@ -7,9 +7,9 @@ import torch
 from helpers import VOCAB, tiny_members
 
 from bts import BTSForCausalLM, BTSError
-from bts.data import Batcher
-from bts.recipe import TrainConfig
-from bts.train import lr_at, train
+from bts.data.streams import Batcher
+from bts.pipeline.recipe import TrainConfig
+from bts.train.loop import lr_at, train
 
 
 def stitched():

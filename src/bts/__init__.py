@@ -4,10 +4,10 @@ Importing bts registers the "bts" model type with transformers' Auto classes, so
 with `AutoModelForCausalLM.from_pretrained(dir)` — no trust_remote_code.
 """
 
-from bts.config import BTSConfig
+from bts.core.config import BTSConfig
 from bts.errors import BTSError
-from bts.model import BTSForCausalLM
-from bts.stitch import StitchLayer
+from bts.core.model import BTSForCausalLM
+from bts.core.stitch import StitchLayer
 
 __all__ = ["BTSConfig", "BTSError", "BTSForCausalLM", "StitchLayer"]
 __version__ = "0.1.0"

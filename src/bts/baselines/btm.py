@@ -31,10 +31,10 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin,
                           PreTrainedModel)
 
-from bts import hf
-from bts.config import CompositeConfig
+from bts.core import hf
+from bts.core.config import CompositeConfig
 from bts.errors import BTSError
-from bts.members import Member, check_compatible, freeze, load_causal_lm, weights_sha256
+from bts.core.members import Member, check_compatible, freeze, load_causal_lm, weights_sha256
 
 CACHED_PRIOR_DECAY = 0.3  # BTM's "cached prior" decay; the third-party value, unverified against the paper
 

@@ -46,7 +46,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from bts.atomic import atomic_write_json
 from bts.errors import BTSError
-from bts.members import TOKENIZER_FILES, Member, check_compatible, load_causal_lm
+from bts.core.members import TOKENIZER_FILES, Member, check_compatible, load_causal_lm
 
 ROUTINGS = ("top2", "sampled_top1", "soft")
 TRAINABLE = ("full", "router")
@@ -120,7 +120,7 @@ def load_balancing_loss(routed: list[tuple[torch.Tensor, torch.Tensor]], attenti
 def _global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
     """Mean over every rank's rows. The value is global; the gradient flows through this rank's rows only, scaled by
     the world size because the training loop averages gradients over ranks (so their sum is the global gradient)."""
-    from bts import distributed
+    from bts.train import distributed
 
     if not distributed.active():
         return local_sum / local_count.clamp_min(1)

@@ -39,7 +39,7 @@ from torch import nn
 
 from bts.atomic import atomic_write_json
 from bts.errors import BTSError
-from bts.members import Member, check_compatible, load_causal_lm, load_config, resolve_dir
+from bts.core.members import Member, check_compatible, load_causal_lm, load_config, resolve_dir
 
 METHODS = ("soup", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 TIES_DENSITY = 0.2

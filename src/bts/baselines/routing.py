@@ -10,7 +10,7 @@ whole sequence, from the mean input embedding (the seed's table) of its first to
 Training target: the member with the lowest next-token loss on the (whole) sequence. Router input: during
 training the mean embedding of the first t real tokens, t ~ U[32, 256] clipped to the sequence length; at
 inference the mean embedding of the whole prompt. `router_loss` is the per-batch loss; it plugs into the shared
-loop as `loss_fn=routing_loss_fn` (bts.train; set warmup=0 and min_lr_ratio=1 there for the paper's constant lr).
+loop as `loss_fn=routing_loss_fn` (bts.train.loop; set warmup=0 and min_lr_ratio=1 there for the paper's constant lr).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from transformers.modeling_outputs import CausalLMOutput
 from bts.atomic import atomic_save_safetensors
 from bts.baselines.btm import (as_batch, load_member_set, member_manifest, positions_from_mask, reload_members,
                                save_member_manifest, token_logprobs)
-from bts.config import CompositeConfig
+from bts.core.config import CompositeConfig
 from bts.errors import BTSError
-from bts.members import freeze
+from bts.core.members import freeze
 
 ROUTER_WEIGHTS = "router.safetensors"
 PREFIX_RANGE = (32, 256)  # t ~ U[32, 256] during training [R]
@@ -64,7 +64,7 @@ def sample_prefix_lengths(attention_mask, generator: torch.Generator | None = No
                           low: int = PREFIX_RANGE[0], high: int = PREFIX_RANGE[1]) -> torch.Tensor:
     """t ~ U[low, high] per sequence (inclusive), clipped to the sequence's real length. Under torchrun each rank
     draws the lengths of the whole global batch and keeps its own rows, so the draws equal a 1-process run's."""
-    from bts import distributed
+    from bts.train import distributed
 
     rows, rank, world = attention_mask.shape[0], distributed.rank(), distributed.world()
     t = torch.randint(low, high + 1, (rows * world,), generator=generator)[rank * rows:(rank + 1) * rows]
@@ -119,7 +119,7 @@ def routing_loss_fn(model: "RoutedModel", batch: dict) -> torch.Tensor:
                  return_router_loss=True).loss
 
 
-routing_loss_fn.through_forward = True  # bts.train may shard the model with FSDP2 for this loss
+routing_loss_fn.through_forward = True  # bts.train.loop may shard the model with FSDP2 for this loss
 
 
 def train_router(router: SequenceRouter, members, batches, steps: int, lr: float = 5e-4, seed: int = 0) -> list:

@@ -1,0 +1,25 @@
+"""`bts report RUN_DIR`: (re)write the report of a finished run from its files."""
+
+from pathlib import Path
+
+from bts.errors import BTSError
+from bts.pipeline.run import Run
+from bts.pipeline.recipe import load_recipe
+
+HELP = "rewrite report.md / report.html and the plots of a finished run"
+
+
+def add_arguments(p):
+    p.add_argument("run_dir")
+
+
+def run(args):
+    root = Path(args.run_dir)
+    if not (root / "recipe.yaml").exists():
+        raise BTSError(f"'{root}' is not a bts run directory (no recipe.yaml).")
+    if not (root / "results.json").exists():
+        raise BTSError(f"'{root}' has no results.json; run the evaluate stage first.")
+    runner = Run(load_recipe(str(root / "recipe.yaml")), root)
+    runner.report()
+    print(root / "report" / "report.md")
+    return 0

@@ -1,0 +1,41 @@
+"""`bts run RECIPE [key=value ...]`: run the pipeline of a recipe (a YAML file or a built-in name)."""
+
+from bts.pipeline.run import STAGES, Run
+from bts.pipeline.recipe import builtin_recipes, load_recipe
+
+HELP = ("run a recipe's pipeline: data → tokenizer → seed → experts → stitch → baselines → evaluate → downstream → "
+        "modularity → report")
+
+
+def add_arguments(p):
+    p.add_argument("recipe", help=f"a recipe YAML file or a built-in recipe ({', '.join(builtin_recipes())})")
+    add_run_arguments(p)
+
+
+def add_run_arguments(p):
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. stitch.train.steps=200")
+    p.add_argument("--run-dir", help="output directory (default: runs/<recipe name>)")
+    p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(STAGES)}, expert:<domain>")
+    p.add_argument("--print-expert-commands", action="store_true",
+                   help="print one `bts run … --stages expert:<domain>` command per expert (to launch as separate "
+                        "jobs, e.g. a Slurm array) and exit")
+
+
+def run(args, recipe_name=None):
+    recipe = load_recipe(recipe_name or args.recipe, args.overrides)
+    if getattr(args, "print_expert_commands", False):
+        from bts.train.distributed import expert_commands
+
+        print("\n".join(expert_commands(recipe_name or args.recipe, recipe, args.run_dir, args.overrides)))
+        return 0
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    runner = Run(recipe, args.run_dir)
+    results = runner.all(stages)
+    from bts.train import distributed
+
+    if results and distributed.is_main():  # under torchrun, rank 0 speaks for the job
+        from bts.report import markdown_table, results_table
+
+        print(markdown_table(*results_table(results)))
+        print(f"\nreport: {runner.root / 'report' / 'report.md'}")
+    return 0

@@ -1,0 +1,423 @@
+"""`BTSForCausalLM`: a frozen hub and n frozen experts run in lockstep, joined by trainable stitch layers.
+
+    model = BTSForCausalLM.from_members("seed/", ["code/", "math/"], num_stitches=4)
+    model.save_pretrained("stitched/")            # stitch weights + a manifest of the members, nothing else
+    model = AutoModelForCausalLM.from_pretrained("stitched/")   # after `import bts`; checks member hashes
+
+Every member embeds the tokens with its own table and runs its own decoder blocks; after the chosen blocks a
+stitch layer (bts.core.stitch) mixes the residual streams. The output is the hub's final norm and LM head applied to
+the stitched hub stream. One transformers `DynamicCache` holds every member's keys and values: member m's layer i
+uses slot m·L + i, so `generate()`, beam search and cache cropping work unchanged.
+
+Sparse inference (beyond the paper): `model.set_active_experts(["code"])` — or the top-k by gate mass on a prompt,
+`model.set_active_experts(model.top_experts(prompt_ids, k=1))` — runs only those experts: the others' blocks,
+projections, gate rows and KV cache are skipped, and E→H gates renormalise over the active members.
+`set_active_experts(None)` restores the full model. Adding and removing experts: bts.pipeline.modularity.
+"""
+
+from __future__ import annotations
+
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from bts.core import batched, hf
+from bts.atomic import atomic_save_safetensors, atomic_write_json
+from bts.core.config import BTSConfig
+from bts.errors import BTSError
+from bts.core.members import TOKENIZER_FILES, Member, check_compatible, freeze, load_causal_lm, weights_sha256
+from bts.core.stitch import E2H, EXPERT_STREAMS, INITS, StitchLayer, stitch_kinds, stitch_positions
+
+STITCH_WEIGHTS = "stitch.safetensors"
+EXECUTIONS = ("auto", "loop", "batched")
+
+
+class BTSForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = BTSConfig
+    base_model_prefix = "bts"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: BTSConfig, hub: nn.Module | None = None, experts: list[nn.Module] | None = None):
+        super().__init__(config)
+        base = config.base_config
+        d, n = base.hidden_size, config.num_experts
+        self.stitches = nn.ModuleList(
+            StitchLayer(d, n, kind, init=config.stitch_init, beta=config.stitch_beta,
+                        gate_dropout=config.gate_dropout, expert_stream=config.expert_stream)
+            for kind in config.stitch_kinds
+        )
+        self.post_init()  # before the members are attached: HF's weight init must never touch loaded members
+        if hub is None:  # built from a config alone (tests, meta-device planning): random members
+            hub = AutoModelForCausalLM.from_config(base)
+            experts = [AutoModelForCausalLM.from_config(base) for _ in range(n)]
+        self.hub = freeze(hub)
+        # Experts keep only their decoder: their LM heads are never used.
+        self.experts = nn.ModuleList(freeze(hf.decoder_of(e)) for e in experts)
+        # The full expert models, kept (as a plain list: not submodules) to write out experts that exist only in
+        # memory. An expert loaded from disk is written by copying its files, so its LM head is never used: it is
+        # dropped to the meta device (no memory) unless it is tied to the embeddings.
+        self._expert_models = [freeze(e) for e in experts]
+        for e in self._expert_models:
+            head = e.lm_head.weight
+            if getattr(e, "_bts_source_dir", None) and head.data_ptr() != hf.decoder_of(e).embed_tokens.weight.data_ptr():
+                e.lm_head.to("meta")
+        self._claim_cache_slots()
+        self._active: list[int] | None = None  # sparse inference: indices of the experts that run (None: all)
+        self._execution = "auto"  # execution paths: see set_execution
+        self._checkpoint = False
+        self._stacks = None  # (running members, [StackedBlock]) for the batched path
+        self.stitches.float()
+
+    def _claim_cache_slots(self) -> None:
+        # Frozen members can be shared between models (bts.pipeline.modularity builds models from another's members), and a
+        # member's slot depends on its position here, so a model re-claims its slots before every forward.
+        for m, expert in enumerate(self.experts):
+            hf.assign_cache_slots(expert, (m + 1) * self.config.base_config.num_hidden_layers)
+
+    def to(self, *args, **kwargs):
+        """Moves devices freely but keeps stitch parameters in fp32 and members in their own dtype."""
+        dtype = kwargs.pop("dtype", None) or next((a for a in args if isinstance(a, torch.dtype)), None)
+        args = tuple(a for a in args if not isinstance(a, torch.dtype))
+        super().to(*args, **kwargs)
+        if dtype is not None:
+            for member in self.members():
+                member.to(dtype)
+        self.stitches.float()
+        return self
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_members(cls, hub, experts, *, names: list[str] | None = None, hub_name: str = "hub",
+                     num_stitches: int = 4, positions: list[int] | None = None, all_e2h: bool = False,
+                     init: str = "blend", beta: float = 8.0, gate_dropout: float = 0.0,
+                     expert_stream: str = "raw", dtype: torch.dtype | None = None) -> "BTSForCausalLM":
+        """Build a stitched model. hub / each expert: a model directory, a cached hub id, or a loaded model."""
+        experts = list(experts) if isinstance(experts, (list, tuple)) else [experts]
+        if not experts:
+            raise BTSError("experts: at least one expert is needed (n = 0 given).")
+        if names is not None and len(names) != len(experts):
+            raise BTSError(f"names: {len(names)} names given for {len(experts)} experts.")
+        if init not in INITS:
+            raise BTSError(f"init must be one of {', '.join(INITS)} (got '{init}').")
+        if expert_stream not in EXPERT_STREAMS:
+            raise BTSError(f"expert_stream must be one of {', '.join(EXPERT_STREAMS)} (got '{expert_stream}').")
+        if not 0.0 <= gate_dropout < 1.0:
+            raise BTSError(f"gate_dropout must be in [0, 1) (got {gate_dropout}).")
+        hub_model, hub_dir = load_causal_lm(hub, "hub", dtype)
+        members = [Member(hub_name, hub_model, hub_dir)]
+        for i, spec in enumerate(experts):
+            default = Path(str(spec)).name if not isinstance(spec, nn.Module) else f"expert{i + 1}"
+            model, path = load_causal_lm(spec, f"expert {i + 1}", dtype)
+            members.append(Member(names[i] if names else default, model, path))
+        check_compatible(members[0], members[1:])
+        base = hub_model.config
+        num_layers = base.num_hidden_layers
+        if positions is None:
+            if not 1 <= num_stitches <= num_layers:
+                raise BTSError(f"num_stitches must be between 1 and the {num_layers} layers (got {num_stitches}).")
+            positions = stitch_positions(num_layers, num_stitches)
+        positions = [int(p) for p in positions]
+        if not positions or any(not 1 <= p <= num_layers for p in positions) or positions != sorted(set(positions)):
+            raise BTSError(f"positions must be increasing block numbers in 1..{num_layers} (got {positions}).")
+        config = BTSConfig(
+            base_config=base.to_dict(), num_experts=len(experts), expert_names=[m.name for m in members[1:]],
+            stitch_positions=positions, stitch_kinds=stitch_kinds(len(positions), all_e2h), stitch_init=init,
+            stitch_beta=beta, gate_dropout=gate_dropout, expert_stream=expert_stream,
+            members=[{"name": m.name, "path": m.path, "sha256": weights_sha256(m.path) if m.path else None}
+                     for m in members],
+            bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id,
+        )
+        config._attn_implementation = hub_model.config._attn_implementation
+        return cls(config, hub=hub_model, experts=[m.model for m in members[1:]])
+
+    def _init_weights(self, module):
+        if isinstance(module, StitchLayer):
+            module.reset_parameters()
+
+    def members(self) -> list[nn.Module]:
+        return [self.hub, *self.experts]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for member in self.members():
+            member.eval()  # frozen members never run dropout
+        return self
+
+    def stitch_parameters(self) -> list[nn.Parameter]:
+        return list(self.stitches.parameters())
+
+    # ---- execution paths ----------------------------------------------------------------------------------
+    def set_execution(self, members: str | None = None, *, checkpoint_members: bool | None = None) -> None:
+        """How the members run; the outputs are the same every way (tests/test_batched.py).
+
+        members: "loop" runs each member's own Hugging Face layers in turn (the reference path). "batched" runs
+          block i of every running member as one set of batched matmuls over stacked weights (bts.core.batched); the
+          members must share a dtype and device, and their weights become slices of the stacks (no extra copy).
+          "auto" (the default) batches only when a KV cache is in use, i.e. in generate(): decode steps are
+          small, so dispatch overhead dominates and batching wins (measured 1.9× on the demo model); long
+          training and evaluation forwards measured no gain on CPU (docs/performance.md).
+        checkpoint_members: in training, keep no activations inside member blocks and stitch layers (only their
+          inputs) and recompute them in backward: less memory for long sequences, for about one more forward."""
+        if members is not None:
+            if members not in EXECUTIONS:
+                raise BTSError(f"members must be one of {', '.join(EXECUTIONS)} (got '{members}').")
+            self._execution, self._stacks = members, None
+        if checkpoint_members is not None:
+            self._checkpoint = bool(checkpoint_members)
+
+    @property
+    def execution(self) -> dict:
+        return {"members": self._execution, "checkpoint_members": self._checkpoint}
+
+    def _stacked_blocks(self, num_blocks: int) -> list:
+        """The running members' blocks 0..num_blocks-1 stacked (built once per active set; rebuilt if the
+        members were moved or re-cast since)."""
+        decoders = [hf.decoder_of(self.hub)] + [self.experts[a] for a in (self._active or range(len(self.experts)))]
+        key = (tuple(self._active or ()), num_blocks)
+        stale = self._stacks is None or self._stacks[0] != key
+        if stale or self._stacks[1][0].anchor != batched.anchor([dec.layers[0] for dec in decoders]):
+            params = [p for dec in decoders for p in dec.layers[0].parameters()]
+            if len({(p.dtype, p.device) for p in params}) > 1:
+                raise BTSError("batched members need every member in one dtype on one device; "
+                               "use set_execution('loop').")
+            self._stacks = None  # free the previous stacks before building new ones
+            # The full set shares storage with the members (no extra copy); a subset is a copy of its members.
+            self._stacks = (key, batched.stacked_blocks(decoders, num_blocks, share=self._active is None))
+        return self._stacks[1]
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, return_gates: bool = False, **kwargs):
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("BTSForCausalLM needs input_ids: every member embeds the tokens with its own table.")
+        cache = hf.cache_from_kwargs(kwargs)
+        if use_cache and cache is None:
+            cache = hf.new_cache(self.config)
+        hub = hf.decoder_of(self.hub)
+        past = cache.get_seq_length() if cache is not None else 0
+        context = self.config.max_position_embeddings
+        if context and past + input_ids.shape[1] > context:  # rotary positions past training are silent garbage
+            raise BTSError(f"input of {past + input_ids.shape[1]} tokens is longer than the model's context "
+                           f"(max_position_embeddings={context}); shorten the prompt or max_new_tokens.")
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + past
+        active = self._active  # None: every expert runs
+        running = list(self.experts) if active is None else [self.experts[a] for a in active]
+        states = [hub.embed_tokens(input_ids)] + [e.embed_tokens(input_ids) for e in running]
+        masks = hf.build_masks(self.hub.config, states[0], attention_mask, cache, position_ids)
+        rope = hf.rotary(hub, states[0], position_ids)
+        types = hf.layer_types(self.hub.config)
+        kinds, positions = self.config.stitch_kinds, self.config.stitch_positions
+        last_e2h = max(p for p, k in zip(positions, kinds) if k == E2H) if E2H in kinds else 0
+        stitch_after = dict(zip(positions, self.stitches))
+        self._claim_cache_slots()
+        gates = []
+        layer_kwargs = dict(position_embeddings=rope, position_ids=position_ids, cache=cache, use_cache=use_cache)
+        batch_members = self._execution == "batched" or (self._execution == "auto" and cache is not None)
+        blocks = self._stacked_blocks(last_e2h) if batch_members and last_e2h else None
+        remat = self._checkpoint and torch.is_grad_enabled() and cache is None  # recompute member blocks in backward
+        for i in range(len(hub.layers)):
+            mask = masks[types[i]]
+            if blocks is not None and i < last_e2h:  # every running member's block i as one batched computation
+                x = states if torch.is_tensor(states) else torch.stack(states)
+                step = lambda x, i=i, mask=mask: batched.block_forward(  # noqa: E731
+                    blocks[i], x, mask=mask, position_embeddings=rope, cache=cache, slot=i)
+                states = checkpoint(step, x, use_reentrant=False) if remat and x.requires_grad else step(x)
+            else:
+                states = list(states.unbind(0)) if torch.is_tensor(states) else states
+                # Expert blocks after the last E→H cannot reach the output: skip them (and their cache).
+                runners = [hub] + (running if i < last_e2h else [])
+                for m, member in enumerate(runners):
+                    step = partial(hf.call_layer, member.layers[i], mask=mask, **layer_kwargs)
+                    needs = remat and states[m].requires_grad
+                    states[m] = checkpoint(step, states[m], use_reentrant=False) if needs else step(states[m])
+            stitch = stitch_after.get(i + 1)
+            if stitch is not None:
+                dtype = states[0].dtype
+                experts = states[1:] if torch.is_tensor(states) else torch.stack(states[1:])
+                h0, experts = states[0].float(), experts.float()
+                if return_gates:
+                    fn = stitch.mixing_weights if return_gates == "effective" else stitch.gate_values
+                    gates.append(fn(h0, active=active).detach())
+                if remat:  # the stitch's intermediates are recomputed in backward too
+                    h0, experts = checkpoint(stitch, h0, experts, active=active, use_reentrant=False)
+                else:
+                    h0, experts = stitch(h0, experts, active=active)
+                if torch.is_tensor(states):
+                    states = torch.cat([h0.unsqueeze(0), experts]).to(dtype)
+                else:
+                    states = [h0.to(dtype)] + [e.to(dtype) for e in experts.unbind(0)]
+        hidden = hub.norm(states[0])
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.hub.lm_head(hidden).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        out = hf.causal_lm_output(loss, logits, cache)
+        if return_gates:
+            out["gates"] = gates  # per stitch layer: [B, T, n+1, d]
+        return out
+
+    @torch.no_grad()
+    def gate_values(self, input_ids, attention_mask=None, effective: bool = False) -> list[torch.Tensor]:
+        """Every stitch layer's gates for a batch: a list (one per stitch) of [B, T, n+1, d] tensors.
+        effective=True folds the blend gate in (StitchLayer.mixing_weights): what each member contributes."""
+        mode = "effective" if effective else True
+        return self(input_ids=input_ids, attention_mask=attention_mask, return_gates=mode)["gates"]
+
+    # ---- sparse inference ---------------------------------------------------------------------------------
+    @property
+    def active_experts(self) -> list[str]:
+        names = list(self.config.expert_names)
+        return names if self._active is None else [names[a] for a in self._active]
+
+    def set_active_experts(self, names: list[str] | None) -> None:
+        """Run only these experts from now on (None: all of them). Gates are renormalised over the hub and the
+        active experts; the others cost nothing. Change it between generations, not inside one: a KV cache
+        holds only the experts that were active when it was filled."""
+        if names is None:
+            self._active = None
+            return
+        names = [names] if isinstance(names, str) else list(names)
+        known = list(self.config.expert_names)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise BTSError(f"expert '{unknown[0]}' is not in this model (experts: {', '.join(known)}).")
+        if not names or len(set(names)) != len(names):
+            raise BTSError(f"active experts must be a non-empty list of distinct names (got {names}).")
+        idx = sorted(known.index(n) for n in names)
+        self._active = None if len(idx) == len(known) else idx
+
+    @torch.no_grad()
+    def top_experts(self, input_ids, k: int, attention_mask=None) -> list[str]:
+        """The k experts with the most mixing weight (mean over E→H stitches, tokens and channels) on a prompt,
+        measured with every expert active; returned in the model's expert order (not by rank)."""
+        n = self.config.num_experts
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise BTSError(f"k must be an integer between 1 and the {n} experts (got {k}).")
+        saved, self._active = self._active, None
+        try:
+            gates = self.gate_values(input_ids, attention_mask, effective=True)
+        finally:
+            self._active = saved
+        e2h = [g for g, kind in zip(gates, self.config.stitch_kinds) if kind == E2H]
+        mass = torch.stack([g[..., 1:, :].mean(dim=(0, 1, 3)) for g in e2h]).mean(0)  # [n]
+        order = torch.argsort(mass, descending=True, stable=True)[:k].tolist()
+        return [self.config.expert_names[i] for i in sorted(order)]
+
+    # ---- saving and loading -------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, export_members: bool = False, **_ignored):
+        """Write the stitch weights and a manifest of the members. Members are referenced by path and hash;
+        with export_members=True (or for members that only exist in memory) they are copied into the folder so
+        that it is self-contained."""
+        if export_members:  # check before writing anything: an export must carry the weights trained against
+            for spec in self.config.members:
+                if spec["path"] and (not Path(spec["path"]).is_dir()
+                                     or (spec.get("sha256") and weights_sha256(spec["path"]) != spec["sha256"])):
+                    raise BTSError(f"member '{spec['name']}' at '{spec['path']}' is missing or has changed since it "
+                                   "was loaded, so it cannot be exported.")
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        member_models = [self.hub, *self._expert_models]
+        manifest = []
+        for spec, model in zip(self.config.members, member_models):
+            spec = dict(spec)
+            if export_members or not spec["path"]:
+                target = out / "members" / spec["name"]
+                if spec["path"] and Path(spec["path"]).resolve() != target.resolve():
+                    _copy_model_dir(Path(spec["path"]), target)
+                elif not spec["path"]:
+                    model.save_pretrained(target)
+                spec["path"] = f"members/{spec['name']}"
+                spec["sha256"] = weights_sha256(target)
+            elif Path(spec["path"]).resolve().is_relative_to(out.resolve()):  # keep a saved folder relocatable
+                spec["path"] = Path(spec["path"]).resolve().relative_to(out.resolve()).as_posix()
+            manifest.append(spec)
+        config = self.config.__class__.from_dict(self.config.to_dict())
+        config.members = manifest
+        config.architectures = [type(self).__name__]
+        atomic_save_safetensors(out / STITCH_WEIGHTS, self.stitches.state_dict(), metadata={"format": "pt"})
+        config.save_pretrained(out)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(out)
+        _copy_tokenizer(self.config.members[0]["path"], out)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
+        """Load a stitched model saved by `save_pretrained`: re-attach each member (refusing any whose weights
+        changed since), then load the stitch weights."""
+        folder = Path(pretrained_model_name_or_path)
+        if not (folder / "config.json").exists():
+            raise BTSError(f"'{folder}' is not a saved bts model (no config.json).")
+        if not (folder / STITCH_WEIGHTS).exists():
+            raise BTSError(f"'{folder}' has no {STITCH_WEIGHTS}; it is not a saved bts model.")
+        config = config if isinstance(config, BTSConfig) else BTSConfig.from_pretrained(folder)
+        models, resolved = [], []
+        for spec in config.members:
+            path = Path(spec["path"])
+            path = path if path.is_absolute() else folder / path
+            # Keep where the member really is, so a later save elsewhere does not point at a relative path.
+            resolved.append({**spec, "path": str(path.resolve())})
+            if not path.is_dir():
+                raise BTSError(f"member '{spec['name']}' was saved from '{path}', which no longer exists.")
+            found = weights_sha256(path)
+            if spec.get("sha256") and found != spec["sha256"]:
+                raise BTSError(f"member '{spec['name']}' at '{path}' has changed since the stitched model was saved "
+                               f"(weights sha256 {found[:12]}… != recorded {spec['sha256'][:12]}…).")
+            models.append(load_causal_lm(str(path), f"member '{spec['name']}'", dtype)[0])
+        config.members = resolved
+        config._attn_implementation = models[0].config._attn_implementation
+        model = cls(config, hub=models[0], experts=models[1:])
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(folder / STITCH_WEIGHTS)
+        except Exception as exc:
+            raise BTSError(f"'{folder / STITCH_WEIGHTS}' is corrupt or truncated ({exc}).") from None
+        for i, stitch in enumerate(model.stitches):  # E→H presence weights exist once an expert was added
+            if f"{i}.presence" in state and stitch.kind == E2H:
+                stitch.enable_presence()
+        missing, unexpected = model.stitches.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BTSError(f"'{folder / STITCH_WEIGHTS}' does not match the config "
+                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}).")
+        model.stitches.float()
+        gen = folder / "generation_config.json"
+        if gen.exists():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.eval()
+        return model
+
+
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def _copy_tokenizer(hub_dir: str | None, out: Path) -> None:
+    """The stitched model reads and writes the hub's tokens: ship the hub's tokenizer with it, if it has one."""
+    if not hub_dir or Path(hub_dir).resolve() == out.resolve():
+        return
+    for name in (*TOKENIZER_FILES, *TOKENIZER_SIDE_FILES):
+        src = Path(hub_dir) / name
+        if src.is_file() and not (out / name).exists():
+            shutil.copy2(src, out / name)
+
+
+def _copy_model_dir(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+AutoConfig.register("bts", BTSConfig)
+AutoModelForCausalLM.register(BTSConfig, BTSForCausalLM)

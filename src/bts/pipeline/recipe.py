@@ -1,0 +1,341 @@
+"""Recipes: one typed dataclass tree, loaded from YAML, checked on load, overridable with dotted `key=value`.
+
+    recipe = load_recipe("demo", overrides=["stitch.train.steps=200"])
+
+A recipe is data: values are parsed with yaml.safe_load, never evaluated. Unknown keys, wrong types and invalid
+values are refused with one sentence naming the dotted key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bts.errors import BTSError
+
+
+@dataclass
+class TrainConfig:
+    """One training phase (seed pretraining, an expert, the stitches, a trained baseline)."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    warmup: int = 10  # steps of linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    batch_size: int = 8  # sequences per optimizer step (split into micro-batches by grad_accum)
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient-norm clipping; 0 disables it
+    dtype: str = "float32"  # autocast dtype of the forward: float32 | bfloat16
+    log_every: int = 10
+    ckpt_every: int = 50
+    compile: bool = False  # torch.compile the model for this phase: faster steps after a one-off compile
+
+
+@dataclass
+class DomainSpec:
+    """Where a domain's text comes from: a built-in corpus, committed fixtures, local files or an HF dataset."""
+
+    source: str = "builtin"  # builtin | fixture | files | hf
+    files: list = field(default_factory=list)  # for source=files: paths or globs (txt, jsonl, parquet)
+    dataset: str = ""  # for source=hf: dataset name
+    config: str = ""
+    split: str = "train"
+    text_field: str = "text"
+    group_field: str = ""  # documents sharing a group never straddle train/held-out
+    max_chars: int = 2_000_000
+
+
+@dataclass
+class DataConfig:
+    domains: dict = field(default_factory=dict)  # name -> DomainSpec
+    seq_len: int = 128
+    split_fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train / val / held-out, by group
+    eval_tokens: int = 32768  # held-out tokens scored per domain (0 = all)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    train_chars: int = 3_000_000  # characters of the training mix used to learn the BPE merges
+
+
+@dataclass
+class SeedConfig:
+    path: str = ""  # an HF dir or cached hub id; empty: pretrain a tiny Llama from scratch
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ExpertsConfig:
+    domains: list = field(default_factory=list)  # empty: one expert per data domain
+    # False: continue pretraining the transformer blocks only, keeping the seed's embeddings and LM head. BTS never
+    # uses an expert's head, so what an expert learns there is lost to the stitched model (docs/ablations.md).
+    train_embeddings: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class StitchConfig:
+    num_stitches: int = 4
+    positions: list = field(default_factory=list)  # 1-indexed blocks; empty: evenly spaced
+    all_e2h: bool = False
+    init: str = "blend"
+    beta: float = 8.0
+    gate_dropout: float = 0.0
+    expert_stream: str = "raw"
+    checkpoint_members: bool = False  # recompute member blocks in backward: less memory, ~one more forward
+    general_weight: float = 0.55  # share of the mix drawn from the general (seed-pretraining) data
+    domain_weights: dict = field(default_factory=dict)  # domain -> weight of the rest; empty: equal
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class BaselinesConfig:
+    """Baselines of the paper (bts.pipeline.baselines_stage). Trained ones use the stitch's datamix, steps and batch size."""
+
+    methods: list = field(default_factory=list)  # soup, task_arithmetic, ties, dare, btx_*, btm, routing
+    merge_lambda: float = 1.0  # λ of task arithmetic and DARE
+    ties_density: float = 0.2
+    dare_drop_rate: float = 0.5
+    sweep: bool = False  # choose λ / density on the validation split (never on held-out)
+    btx_lr: float = 1e-3
+    btx_trainable: str = "full"  # full (BTX's finetune) | router
+    routing_lr: float = 5e-4  # constant, as in the paper
+
+
+@dataclass
+class DownstreamConfig:
+    """Downstream tasks scored for every method (bts.eval.downstream): see `bts eval --help` for the task names."""
+
+    tasks: list = field(default_factory=list)  # empty: skip the stage
+    limit: int = 0  # items per task (0 = all)
+    fewshot: int = 0
+    fixtures: bool = False  # score the small committed slices instead of the full sets (no download)
+
+
+@dataclass
+class ModularityConfig:
+    """The modularity measurement (bts.pipeline.modularity, docs/modularity.md), a pipeline stage after the stitch: add the
+    last expert, remove each, gates per domain and at domain switches, sparse inference."""
+
+    enabled: bool = False
+    add_fraction: float = 0.25  # steps to add the last expert, as a fraction of stitch.train.steps
+    retrain_fraction: float = 0.25  # steps of retraining after removing an expert, as the same fraction
+    focus_weight: float = 0.5  # share of the added expert's own domain in its training mix
+    sparse: bool = True  # also score sparse inference: the top-k experts only, for k = 1..n
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    seed: int = 0
+    run_dir: str = ""  # empty: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seed_model: SeedConfig = field(default_factory=SeedConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    stitch: StitchConfig = field(default_factory=StitchConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    modularity: ModularityConfig = field(default_factory=ModularityConfig)
+
+    @property
+    def expert_domains(self) -> list[str]:
+        return list(self.experts.domains) or list(self.data.domains)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+def _build(cls, raw: Any, where: str):
+    """Build dataclass `cls` from a plain dict, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise BTSError(f"{where or 'recipe'} must be a mapping (got {type(raw).__name__} {raw!r}).")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise BTSError(f"unknown recipe key '{dotted}'{hint}.")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, where: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, where)
+    if where.endswith("data.domains"):
+        if not isinstance(value, dict):
+            raise BTSError(f"{where} must map domain names to sources (got {value!r}).")
+        return {str(k): _build(DomainSpec, v or {}, f"{where}.{k}") for k, v in value.items()}
+    expected = {int: int, float: (int, float), str: str, bool: bool, list: list, dict: dict}.get(hint)
+    if expected is None:
+        return value
+    if hint is int and isinstance(value, bool) or hint is float and isinstance(value, bool):
+        raise BTSError(f"{where} must be a number (got {value!r}).")
+    if hint is float and isinstance(value, str) and FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; every user means the number
+    if not isinstance(value, expected):
+        raise BTSError(f"{where} must be of type {hint.__name__} (got {value!r}).")
+    return float(value) if hint is float else value
+
+
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check(recipe: Recipe) -> None:
+    def positive(value, where):
+        if not value > 0:  # also refuses nan
+            raise BTSError(f"{where} must be positive (got {value}).")
+        if value == float("inf"):
+            raise BTSError(f"{where} must be finite (got {value}).")
+
+    phases = {"seed_model.train": recipe.seed_model.train, "experts.train": recipe.experts.train,
+              "stitch.train": recipe.stitch.train}
+    for where, t in phases.items():
+        for name in ("steps", "lr", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+            positive(getattr(t, name), f"{where}.{name}")
+        if t.warmup < 0:
+            raise BTSError(f"{where}.warmup must be ≥ 0 (got {t.warmup}).")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise BTSError(f"{where}.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio}).")
+        if t.batch_size % t.grad_accum:
+            raise BTSError(f"{where}.batch_size ({t.batch_size}) must be a multiple of grad_accum ({t.grad_accum}).")
+        if t.dtype not in ("float32", "bfloat16"):
+            raise BTSError(f"{where}.dtype must be float32 or bfloat16 (got '{t.dtype}').")
+    if not recipe.data.domains:
+        raise BTSError("data.domains is empty: a recipe needs at least one domain.")
+    # Names become folder names (data/<domain>, models/expert-<domain>, runs/<name>): nothing may climb out.
+    for where, value in [("name", recipe.name), *(("data.domains key", d) for d in recipe.data.domains)]:
+        if not SAFE_NAME.fullmatch(value):
+            raise BTSError(f"{where} '{value}' must be letters, digits, '_', '-' or '.' and not start with '.'.")
+    for name, spec in recipe.data.domains.items():
+        if spec.source not in ("builtin", "fixture", "files", "hf"):
+            raise BTSError(f"data.domains.{name}.source must be builtin, fixture, files or hf (got '{spec.source}').")
+        if spec.source == "files" and not spec.files:
+            raise BTSError(f"data.domains.{name}.files is empty but source is 'files'.")
+        if spec.source == "hf" and not spec.dataset:
+            raise BTSError(f"data.domains.{name}.dataset is empty but source is 'hf'.")
+    for d in recipe.experts.domains:
+        if d not in recipe.data.domains:
+            raise BTSError(f"experts.domains names '{d}', which is not in data.domains ({', '.join(recipe.data.domains)}).")
+    positive(recipe.data.seq_len, "data.seq_len")
+    fr = recipe.data.split_fractions
+    if len(fr) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in fr) or fr[0] <= 0 or fr[2] <= 0:
+        raise BTSError(f"data.split_fractions must be three non-negative numbers with train and held-out > 0 (got {fr}).")
+    positive(recipe.tokenizer.vocab_size, "tokenizer.vocab_size")
+    s = recipe.stitch
+    if not 0 <= s.general_weight < 1:
+        raise BTSError(f"stitch.general_weight must be in [0, 1) (got {s.general_weight}).")
+    for d, w in s.domain_weights.items():
+        if d not in recipe.data.domains:
+            raise BTSError(f"stitch.domain_weights names '{d}', which is not in data.domains.")
+        if not isinstance(w, (int, float)) or w <= 0:
+            raise BTSError(f"stitch.domain_weights.{d} must be positive (got {w}).")
+    if not 0 <= s.gate_dropout < 1:
+        raise BTSError(f"stitch.gate_dropout must be in [0, 1) (got {s.gate_dropout}).")
+    positive(s.num_stitches, "stitch.num_stitches")
+    if not recipe.seed_model.path:  # the layer count is known now: refuse a bad layout before any training
+        layers = recipe.seed_model.num_layers
+        if s.positions and (any(not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= layers
+                                for p in s.positions) or s.positions != sorted(set(s.positions))):
+            raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} "
+                           f"(seed_model.num_layers) (got {s.positions}).")
+        if not s.positions and s.num_stitches > layers:
+            raise BTSError(f"stitch.num_stitches must be at most seed_model.num_layers={layers} "
+                           f"(got {s.num_stitches}).")
+    b = recipe.baselines
+    from bts.pipeline.baselines_stage import METHODS
+
+    for m in b.methods:
+        if m not in METHODS:
+            raise BTSError(f"baselines.methods names '{m}', which is not a baseline ({', '.join(METHODS)}).")
+    for name in ("merge_lambda", "btx_lr", "routing_lr"):
+        positive(getattr(b, name), f"baselines.{name}")
+    if not 0 < b.ties_density <= 1:
+        raise BTSError(f"baselines.ties_density must be in (0, 1] (got {b.ties_density}).")
+    if not 0 <= b.dare_drop_rate < 1:
+        raise BTSError(f"baselines.dare_drop_rate must be in [0, 1) (got {b.dare_drop_rate}).")
+    if recipe.downstream.limit < 0 or recipe.downstream.fewshot < 0:
+        raise BTSError(f"downstream.limit and downstream.fewshot must be ≥ 0 (got {recipe.downstream.limit}, "
+                       f"{recipe.downstream.fewshot}).")
+    if recipe.downstream.tasks:
+        from bts.eval.downstream.tasks import TASKS
+
+        for t in recipe.downstream.tasks:
+            if t not in TASKS:
+                raise BTSError(f"downstream.tasks names '{t}', which is not a task ({', '.join(TASKS)}).")
+    if b.btx_trainable not in ("full", "router"):
+        raise BTSError(f"baselines.btx_trainable must be full or router (got '{b.btx_trainable}').")
+    m = recipe.modularity
+    for name in ("add_fraction", "retrain_fraction"):
+        if not 0 < getattr(m, name) <= 1:  # also refuses nan
+            raise BTSError(f"modularity.{name} must be in (0, 1] (got {getattr(m, name)}).")
+    if not 0 <= m.focus_weight < 1:
+        raise BTSError(f"modularity.focus_weight must be in [0, 1) (got {m.focus_weight}).")
+    if m.enabled and len(recipe.expert_domains) < 2:
+        raise BTSError(f"modularity.enabled needs at least 2 experts (experts.domains gives "
+                       f"{recipe.expert_domains}).")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise BTSError(f"override '{item}' must look like key.sub=value.")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BTSError(f"override '{item}': '{part}' is not a section.")
+    node[parts[-1]] = value
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("bts.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
+    """A recipe by built-in name (demo, smoke, …) or YAML path, with dotted overrides applied, checked."""
+    path = Path(name_or_path)
+    if not path.suffix and name_or_path in builtin_recipes():
+        text = resources.files("bts.recipes").joinpath(f"{name_or_path}.yaml").read_text()
+    elif path.is_file():
+        text = path.read_text()
+    else:
+        raise BTSError(f"recipe '{name_or_path}' is neither a YAML file nor a built-in recipe "
+                       f"({', '.join(builtin_recipes())}).")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise BTSError(f"recipe '{name_or_path}' is not valid YAML ({str(exc).splitlines()[0]}).") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    recipe = _build(Recipe, raw, "")
+    _check(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
