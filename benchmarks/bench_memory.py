@@ -47,7 +47,7 @@ from bench_model import add_model_arguments, make_members  # noqa: E402
 from bench_train import graph_layout  # noqa: E402
 
 from bts import BTSForCausalLM  # noqa: E402
-from bts.pipeline.recipe import TrainConfig  # noqa: E402
+from bts.train.config import TrainConfig  # noqa: E402
 from bts.train.loop import make_optimizer  # noqa: E402
 
 MB = 2**20

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model import add_model_arguments, make_members, stitch_flops_per_token  # noqa: E402
 
 from bts import BTSForCausalLM  # noqa: E402
-from bts.pipeline.recipe import TrainConfig  # noqa: E402
+from bts.train.config import TrainConfig  # noqa: E402
 from bts.core.stitch import E2H, H2E  # noqa: E402
 from bts.train.loop import make_optimizer  # noqa: E402
 

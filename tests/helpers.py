@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, PreTrainedTokenizerFast
+
+from bts.eval.downstream.tasks import FIXTURES
 
 VOCAB = 97
 
@@ -64,3 +67,25 @@ def open_stitches(model, seed=0, scale=0.3):
     for p in model.stitch_parameters():
         p.add_(scale * torch.randn(p.shape, generator=gen))
     return model
+
+
+# Overrides that shrink `bts run smoke` to seconds: two fixture domains, two tiny layers, a few steps per phase.
+TINY = ["data.domains={code: {source: fixture}, math: {source: fixture}}", "data.eval_tokens=512",
+        "tokenizer.vocab_size=256", "seed_model.hidden_size=32", "seed_model.intermediate_size=64",
+        "seed_model.num_layers=2", "stitch.num_stitches=1", "baselines.methods=[routing, btx_top2]",
+        "baselines.sweep=false", "downstream.tasks=[]",
+        *(f"{phase}.train.{key}" for phase in ("seed_model", "experts", "stitch")
+          for key in ("ckpt_every=2", "log_every=1")),
+        "seed_model.train.steps=6", "experts.train.steps=4", "stitch.train.steps=4"]
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the fixture texts: any string encodes, and decode(encode(s)) == s."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(FIXTURES.glob("*.jsonl")))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

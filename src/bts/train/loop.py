@@ -40,7 +40,7 @@ from bts.train import distributed
 from bts.atomic import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from bts import faults
 from bts.errors import BTSError
-from bts.pipeline.recipe import TrainConfig
+from bts.train.config import TrainConfig
 
 KEEP_CHECKPOINTS = 2
 

@@ -19,7 +19,7 @@ from bts import BTSForCausalLM
 from bts.train import distributed
 from bts.data.streams import Batcher
 from bts.errors import BTSError
-from bts.pipeline.recipe import TrainConfig
+from bts.train.config import TrainConfig
 from bts.train.loop import train
 
 ATOL = 1e-5

@@ -12,8 +12,7 @@ from bts import BTSForCausalLM  # noqa: E402
 from bts.eval.downstream import lmeval  # noqa: E402
 from bts.eval.downstream.tasks import FIXTURES  # noqa: E402
 from bts.errors import BTSError  # noqa: E402
-from helpers import tiny_members  # noqa: E402
-from test_downstream import tiny_tokenizer  # noqa: E402
+from helpers import tiny_members, tiny_tokenizer  # noqa: E402
 
 TASKS = ["mmlu_math", "gsm8k_ll", "gsm8k"]
 

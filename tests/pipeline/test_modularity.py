@@ -11,7 +11,7 @@ from helpers import open_stitches, random_ids, save_members, tiny_members
 import bts  # noqa: F401
 from bts import BTSError, BTSForCausalLM
 from bts.pipeline.modularity import _new_slot_masks, add_expert, remove_expert, train_stitches
-from bts.pipeline.recipe import TrainConfig
+from bts.train.config import TrainConfig
 from bts.core.stitch import E2H
 
 

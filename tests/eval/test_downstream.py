@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from bts import BTSForCausalLM
 from bts.eval.downstream import scoring, tasks
@@ -18,22 +16,11 @@ from bts.eval.downstream.scoring import (encode_pair, evaluate_task, evaluate_ta
                                     generate, loglikelihoods, markdown_table, run_code_tests)
 from bts.eval.downstream.tasks import FIXTURES, TASKS, ensure_tasks, load_task, split_pool
 from bts.errors import BTSError
-from helpers import tiny_members, tiny_model
+from helpers import tiny_members, tiny_model, tiny_tokenizer
+from transformers import PreTrainedTokenizerFast
 
 
 # ---- shared tiny tokenizer -------------------------------------------------------------------------------------
-def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on the fixture texts: any string encodes, and decode(encode(s)) == s."""
-    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(FIXTURES.glob("*.jsonl")))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()

@@ -3,7 +3,7 @@ of an uninterrupted run; half-written files are never read; damaged checkpoints 
 process per run directory; write failures are one-line errors.
 
 Crashes are injected with BTS_FAULT_AT (bts.faults): the child SIGKILLs itself at a named point, so the kill
-lands at a chosen step, deterministically. Children are forked from the test process (bts.faults.run_cli), which
+lands at a chosen step, deterministically. Children are forked from the test process (bts.cli.child.run_cli), which
 reuses its imports; a real `python -m bts` subprocess is used where the process boundary itself matters.
 """
 
@@ -18,17 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from bts.faults import run_cli
+from helpers import TINY
+from bts.cli.child import run_cli
 
 # The smoke recipe cut to the bone: two fixture domains, a 2-layer seed, a few steps per phase with a checkpoint
 # every 2 steps, one trained baseline of each kind (routing, BTX), no downstream tasks.
-TINY = ["data.domains={code: {source: fixture}, math: {source: fixture}}", "data.eval_tokens=512",
-        "tokenizer.vocab_size=256", "seed_model.hidden_size=32", "seed_model.intermediate_size=64",
-        "seed_model.num_layers=2", "stitch.num_stitches=1", "baselines.methods=[routing, btx_top2]",
-        "baselines.sweep=false", "downstream.tasks=[]",
-        *(f"{phase}.train.{key}" for phase in ("seed_model", "experts", "stitch")
-          for key in ("ckpt_every=2", "log_every=1")),
-        "seed_model.train.steps=6", "experts.train.steps=4", "stitch.train.steps=4"]
 
 # One crash per phase, in pipeline order; each re-run resumes and is killed in the next phase.
 CRASHES = [

@@ -14,7 +14,7 @@ from helpers import VOCAB, tiny_members
 from bts import BTSForCausalLM
 from bts.train import loop as train_module
 from bts.data.streams import Batcher
-from bts.pipeline.recipe import TrainConfig
+from bts.train.config import TrainConfig
 
 
 def _batcher():

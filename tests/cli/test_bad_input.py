@@ -2,7 +2,7 @@
 and the offending value>.`, no traceback, and nothing that existed before is changed or marked complete.
 
 Each row builds its bad input in a fresh folder and names the fragments its message must contain. Commands run in a
-forked child (bts.faults.run_cli: the real CLI entry point, without paying the interpreter start per row); one
+forked child (bts.cli.child.run_cli: the real CLI entry point, without paying the interpreter start per row); one
 row runs through `python -m bts` to check the process boundary too.
 """
 
@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_members, tiny_model
-from test_reliability import TINY
+from helpers import TINY, save_members, tiny_model
 
 from bts import BTSError
-from bts.faults import run_cli
+from bts.cli.child import run_cli
 
 
 def _files_domain(tmp: Path, name: str, content: bytes | str) -> list[str]:
@@ -214,7 +213,7 @@ def test_bad_input_through_a_real_interpreter(tmp_path):
 
 
 # ---- security: what is loaded is never executed -------------------------------------------------------------
-SRC = Path(__file__).resolve().parents[1] / "src" / "bts"
+SRC = Path(__file__).resolve().parents[2] / "src" / "bts"
 
 
 def test_every_torch_load_is_weights_only_and_nothing_trusts_remote_code():

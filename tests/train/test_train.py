@@ -8,7 +8,7 @@ from helpers import VOCAB, tiny_members
 
 from bts import BTSForCausalLM, BTSError
 from bts.data.streams import Batcher
-from bts.pipeline.recipe import TrainConfig
+from bts.train.config import TrainConfig
 from bts.train.loop import lr_at, train
 
 

@@ -1,0 +1,23 @@
+"""The settings of one training phase; the loop (bts.train.loop) owns them, recipes embed them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """One training phase (seed pretraining, an expert, the stitches, a trained baseline)."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    warmup: int = 10  # steps of linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    batch_size: int = 8  # sequences per optimizer step (split into micro-batches by grad_accum)
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient-norm clipping; 0 disables it
+    dtype: str = "float32"  # autocast dtype of the forward: float32 | bfloat16
+    log_every: int = 10
+    ckpt_every: int = 50
+    compile: bool = False  # torch.compile the model for this phase: faster steps after a one-off compile
