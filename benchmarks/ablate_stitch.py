@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bts.data.streams import eval_windows, heldout_loss  # noqa: E402
+from bts.data.streams import eval_windows  # noqa: E402
+from bts.eval.heldout import heldout_loss  # noqa: E402
 from bts.pipeline.run import Run  # noqa: E402
 from bts.pipeline.recipe import load_recipe  # noqa: E402
 from bts.train.loop import train  # noqa: E402

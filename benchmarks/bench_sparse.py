@@ -26,7 +26,8 @@ import torch
 import yaml
 
 from bts import BTSForCausalLM
-from bts.data.streams import eval_windows, heldout_loss
+from bts.data.streams import eval_windows
+from bts.eval.heldout import heldout_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_model import make_members  # noqa: E402

@@ -1,6 +1,6 @@
 """The package's shape is its architecture: folders stacked in one direction, imports only downward, no cycles.
 
-    (bts/errors, atomic, faults)  <  data  <  core  <  train  <  baselines  <  eval  <  report  <  pipeline  <  cli
+    (bts/errors, atomic, faults)  <  data  <  core  <  train  <  eval  <  baselines  <  report  <  pipeline  <  cli
 
 Every import is read with `ast`, including those inside functions (a lazy import is still a dependency). A module
 may import from its own folder or from a folder below it; `import bts` / `from bts import BTSForCausalLM` is the
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bts"
-LAYERS = ["", "data", "core", "train", "baselines", "eval", "report", "pipeline", "cli"]
+LAYERS = ["", "data", "core", "train", "eval", "baselines", "report", "pipeline", "cli"]
 FACADE_RANK = LAYERS.index("core")
 MAX_LINES = 500
 

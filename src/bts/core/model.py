@@ -31,7 +31,7 @@ from bts.atomic import atomic_save_safetensors, atomic_write_json
 from bts.core.config import BTSConfig
 from bts.errors import BTSError
 from bts.core.members import TOKENIZER_FILES, Member, check_compatible, freeze, load_causal_lm, weights_sha256
-from bts.core.stitch import E2H, EXPERT_STREAMS, INITS, StitchLayer, stitch_kinds, stitch_positions
+from bts.core.stitch import E2H, StitchLayer, check_stitch_options, stitch_kinds, stitch_positions
 
 STITCH_WEIGHTS = "stitch.safetensors"
 EXECUTIONS = ("auto", "loop", "batched")
@@ -104,12 +104,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             raise BTSError("experts: at least one expert is needed (n = 0 given).")
         if names is not None and len(names) != len(experts):
             raise BTSError(f"names: {len(names)} names given for {len(experts)} experts.")
-        if init not in INITS:
-            raise BTSError(f"init must be one of {', '.join(INITS)} (got '{init}').")
-        if expert_stream not in EXPERT_STREAMS:
-            raise BTSError(f"expert_stream must be one of {', '.join(EXPERT_STREAMS)} (got '{expert_stream}').")
-        if not 0.0 <= gate_dropout < 1.0:
-            raise BTSError(f"gate_dropout must be in [0, 1) (got {gate_dropout}).")
+        check_stitch_options(init=init, expert_stream=expert_stream, beta=beta, gate_dropout=gate_dropout)
         hub_model, hub_dir = load_causal_lm(hub, "hub", dtype)
         members = [Member(hub_name, hub_model, hub_dir)]
         for i, spec in enumerate(experts):

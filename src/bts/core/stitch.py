@@ -182,3 +182,18 @@ def stitch_kinds(k: int, all_e2h: bool = False) -> list[str]:
     if all_e2h:
         return [E2H] * k
     return [E2H if (k - 1 - j) % 2 == 0 else H2E for j in range(k)]
+
+
+def check_stitch_options(*, init: str, expert_stream: str, beta: float, gate_dropout: float, prefix: str = "") -> None:
+    """Refuse invalid stitch options in one sentence naming the key (with `prefix`, e.g. "stitch." for a recipe).
+    The one place these are checked: BTSForCausalLM.from_members and recipe loading both call it."""
+    from bts.errors import BTSError
+
+    if init not in INITS:
+        raise BTSError(f"{prefix}init must be one of {', '.join(INITS)} (got '{init}').")
+    if expert_stream not in EXPERT_STREAMS:
+        raise BTSError(f"{prefix}expert_stream must be one of {', '.join(EXPERT_STREAMS)} (got '{expert_stream}').")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+        raise BTSError(f"{prefix}beta must be a positive finite number (got {beta!r}).")
+    if isinstance(gate_dropout, bool) or not isinstance(gate_dropout, (int, float)) or not 0.0 <= gate_dropout < 1.0:
+        raise BTSError(f"{prefix}gate_dropout must be in [0, 1) (got {gate_dropout!r}).")

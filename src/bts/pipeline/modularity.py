@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bts.data.streams import heldout_loss
+from bts.eval.heldout import heldout_loss
 from bts.errors import BTSError
 from bts.core.stitch import E2H, H2E, StitchLayer
 

@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from bts.errors import BTSError
+from bts.baselines.registry import REGISTRY
+from bts.core.stitch import check_stitch_options
 from bts.train.config import TrainConfig
 
 
@@ -88,7 +90,7 @@ class StitchConfig:
 
 @dataclass
 class BaselinesConfig:
-    """Baselines of the paper (bts.pipeline.baselines_stage). Trained ones use the stitch's datamix, steps and batch size."""
+    """Baselines of the paper (bts.baselines.registry). Trained ones use the stitch's datamix, steps and batch size."""
 
     methods: list = field(default_factory=list)  # soup, task_arithmetic, ties, dare, btx_*, btm, routing
     merge_lambda: float = 1.0  # λ of task arithmetic and DARE
@@ -231,8 +233,8 @@ def _check(recipe: Recipe) -> None:
             raise BTSError(f"stitch.domain_weights names '{d}', which is not in data.domains.")
         if not isinstance(w, (int, float)) or w <= 0:
             raise BTSError(f"stitch.domain_weights.{d} must be positive (got {w}).")
-    if not 0 <= s.gate_dropout < 1:
-        raise BTSError(f"stitch.gate_dropout must be in [0, 1) (got {s.gate_dropout}).")
+    check_stitch_options(init=s.init, expert_stream=s.expert_stream, beta=s.beta, gate_dropout=s.gate_dropout,
+                         prefix="stitch.")
     positive(s.num_stitches, "stitch.num_stitches")
     if not recipe.seed_model.path:  # the layer count is known now: refuse a bad layout before any training
         layers = recipe.seed_model.num_layers
@@ -244,11 +246,9 @@ def _check(recipe: Recipe) -> None:
             raise BTSError(f"stitch.num_stitches must be at most seed_model.num_layers={layers} "
                            f"(got {s.num_stitches}).")
     b = recipe.baselines
-    from bts.pipeline.baselines_stage import METHODS
-
     for m in b.methods:
-        if m not in METHODS:
-            raise BTSError(f"baselines.methods names '{m}', which is not a baseline ({', '.join(METHODS)}).")
+        if m not in REGISTRY:
+            raise BTSError(f"baselines.methods names '{m}', which is not a baseline ({', '.join(REGISTRY)}).")
     for name in ("merge_lambda", "btx_lr", "routing_lr"):
         positive(getattr(b, name), f"baselines.{name}")
     if not 0 < b.ties_density <= 1:

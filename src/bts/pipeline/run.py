@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import io
 import json
 import os
@@ -41,7 +42,8 @@ from bts import faults
 from bts.data import corpora
 from bts.train import distributed
 from bts.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from bts.data.streams import Batcher, eval_windows, heldout_loss, interleave, tokenize_stream
+from bts.data.streams import Batcher, eval_windows, interleave, tokenize_stream
+from bts.eval.heldout import heldout_loss
 from bts.errors import BTSError
 from bts.pipeline.recipe import Recipe, load_recipe, recipe_to_dict
 from bts.train.loop import train
@@ -391,9 +393,14 @@ class Run:
                         trainable_params=sum(p.numel() for p in trainable.values()), mix=mix)
 
     def baselines(self) -> None:
-        from bts.pipeline import baselines_stage as baseline_stage
+        from bts.baselines.registry import REGISTRY
 
-        baseline_stage.run_baselines(self)
+        for method in self.recipe.baselines.methods:
+            stage = f"baseline:{method}"
+            if self.done(stage):
+                continue
+            with self.stage(stage) as info:
+                info.update(REGISTRY[method].build(self))
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def mixed_heldout(self, max_tokens: int | None = None) -> torch.Tensor:
@@ -404,14 +411,17 @@ class Run:
 
     def methods(self) -> dict:
         """Every evaluated method: name -> (loader, accounting info). Loaders build the model on demand."""
-        from bts.pipeline.baselines_stage import baseline_methods
+        from bts.baselines.registry import REGISTRY
 
         methods = {"seed": (lambda: _load_hf(self.path("models", "seed")), self._info("seed"))}
         for d in self.recipe.expert_domains:
             methods[f"expert:{d}"] = (lambda d=d: _load_hf(self.path("models", f"expert-{d}")), self._info(f"expert:{d}"))
         if self.done("stitch"):
             methods["bts"] = (lambda: _load_bts(self.path("models", "bts")), self._info("stitch"))
-        methods.update(baseline_methods(self))
+        for method in self.recipe.baselines.methods:
+            info = self.done(f"baseline:{method}")
+            if info is not None:
+                methods[method] = (functools.partial(REGISTRY[method].load, self.path("models", method), info), info)
         return methods
 
     def _info(self, stage: str) -> dict:

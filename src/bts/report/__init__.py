@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from bts.atomic import atomic_write_text  # noqa: E402
+from bts.baselines.registry import REGISTRY  # noqa: E402
 
 
 def _fmt_int(n) -> str:
@@ -243,16 +244,15 @@ def budget_rows(run, results, stages) -> list[list[str]]:
     phases += [(f"expert:{d}", f"expert:{d}", d, r.experts.train) for d in r.expert_domains]
     phases += [("bts", "stitch", mix, r.stitch.train)]
     for m in r.baselines.methods:
-        if m.startswith("btx_"):
-            phases.append((m, f"baseline:{m}", mix, r.stitch.train, r.baselines.btx_lr))
-        elif m == "routing":
-            phases.append((m, "baseline:routing", mix, r.stitch.train, r.baselines.routing_lr))
+        budget = REGISTRY[m].budget(r)
+        if budget is not None:
+            phases.append((m, f"baseline:{m}", mix, budget))
     rows = []
-    for name, stage, data, cfg, *lr in phases:
+    for name, stage, data, cfg in phases:
         if name not in results["methods"] and name != "seed":
             continue
         info = stages.get(stage.replace(":", "-"), {})
-        rows.append([name, data, str(cfg.steps), f"{cfg.batch_size} × {seq}", f"{(lr or [cfg.lr])[0]:g}",
+        rows.append([name, data, str(cfg.steps), f"{cfg.batch_size} × {seq}", f"{cfg.lr:g}",
                      _fmt_int(info.get("tokens"))])
     return rows
 

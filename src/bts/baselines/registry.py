@@ -1,4 +1,8 @@
-"""The baselines stage: every baseline of the paper, built from the run's seed and experts on BTS's terms.
+"""The baselines of the paper behind one interface, registered by name (recipe `baselines.methods`).
+
+    REGISTRY["btx_top2"].build(run) -> marker info;  REGISTRY["btx_top2"].load(path, info) -> (model, accounting)
+
+`run` is the pipeline's run (bts.pipeline.run.Run): recipe, path(), domains, stream(), batcher(), stitch_mix().
 
 Methods (recipe `baselines.methods`; names as they appear in results.json):
   soup, task_arithmetic, ties, dare     weight merges (no training); λ / density / drop rate from the recipe, or,
@@ -19,8 +23,9 @@ import json
 
 import torch
 
+from bts.data.streams import eval_windows
+from bts.eval.heldout import heldout_loss
 from bts.train import distributed
-from bts.data.streams import eval_windows, heldout_loss
 from bts.errors import BTSError
 from bts.train.loop import train
 
@@ -40,26 +45,6 @@ def _merge_params(run, method: str) -> dict:
     b = run.recipe.baselines
     return {"soup": {}, "task_arithmetic": {"lam": b.merge_lambda}, "ties": {"density": b.ties_density},
             "dare": {"drop_rate": b.dare_drop_rate, "lam": b.merge_lambda}}[method]
-
-
-def run_baselines(run) -> None:
-    methods = list(run.recipe.baselines.methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise BTSError(f"baselines.methods has unknown method(s) {unknown}; known: {', '.join(METHODS)}.")
-    for method in methods:
-        stage = f"baseline:{method}"
-        if run.done(stage):
-            continue
-        with run.stage(stage) as info:
-            if method in MERGES:
-                info.update(_build_merge(run, method))
-            elif method in BTX:
-                info.update(_train_btx(run, method))
-            elif method == "btm":
-                _build_btm(run)
-            else:
-                info.update(_train_routing(run))
 
 
 # ---- merges ------------------------------------------------------------------------------------------------
@@ -92,7 +77,7 @@ def _train_btx(run, method: str) -> dict:
     seed, experts = _members(run)
     model = build_btx(seed, experts, routing=BTX[method], seed_rng=run.recipe.seed)
     b = run.recipe.baselines
-    cfg = dataclasses.replace(run.recipe.stitch.train, lr=b.btx_lr)  # the stitch's steps, batch and schedule
+    cfg = _btx_budget(run.recipe)  # the stitch's steps, batch and schedule
     trainable = btx_trainable_parameters(model, b.btx_trainable)
     counts = btx_parameter_counts(model)
     result = train(model, trainable, run.batcher(run.stitch_mix(), cfg, salt=7), cfg, run.path("train", method),
@@ -118,9 +103,7 @@ def _train_routing(run) -> dict:
 
     seed, experts = _members(run)
     model = RoutedModel.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains])
-    b = run.recipe.baselines
-    # The paper's constant learning rate; the stitch's steps and batch size.
-    cfg = dataclasses.replace(run.recipe.stitch.train, lr=b.routing_lr, warmup=0, min_lr_ratio=1.0)
+    cfg = _routing_budget(run.recipe)  # the paper's constant learning rate; the stitch's steps and batch size
     trainable = {f"router.{k}": p for k, p in model.router.named_parameters()}
     result = train(model, trainable, run.batcher(run.stitch_mix(), cfg, salt=7), cfg, run.path("train", "routing"),
                    desc="routing", seed=run.recipe.seed, loss_fn=routing_loss_fn)
@@ -142,16 +125,35 @@ class _RouteOnPrefix(torch.nn.Module):
         return self.routed(input_ids=input_ids, choice=choice, **kwargs)
 
 
-# ---- loaders for evaluation --------------------------------------------------------------------------------
-def baseline_methods(run) -> dict:
-    out = {}
-    for method in run.recipe.baselines.methods:
-        info = run.done(f"baseline:{method}")
-        if info is None:
-            continue
-        path = run.path("models", method)
-        out[method] = (functools.partial(_load, method, path, info), info)
-    return out
+def _merge_info(path) -> dict:
+    f = path / "bts_merge.json"
+    if not f.exists():
+        return {}
+    data = json.loads(f.read_text())
+    return {"merge": {k: v for k, v in data.items() if k != "members"}}
+
+
+# ---- the interface -----------------------------------------------------------------------------------------
+class Baseline:
+    """A baseline method: `build(run)` makes (and, if trained, trains) it under run.path("models", name) and
+    returns what its stage marker records; `load(path, info)` gives the model to evaluate and its parameter
+    accounting; `budget(recipe)` is the training phase it used (None: no training) and its peak lr."""
+
+    def __init__(self, name: str, build, load, budget=None):
+        self.name, self._build, self._load, self._budget = name, build, load, budget
+
+    def build(self, run) -> dict:
+        return self._build(run, self.name) or {}
+
+    def load(self, path, info: dict):
+        return self._load(self.name, path, info)
+
+    def budget(self, recipe):
+        return self._budget(recipe) if self._budget else None
+
+    @property
+    def trained(self) -> bool:
+        return self._budget is not None
 
 
 def _load(method: str, path, info: dict):
@@ -180,9 +182,17 @@ def _load(method: str, path, info: dict):
                                    "active_params": c["active"]}
 
 
-def _merge_info(path) -> dict:
-    f = path / "bts_merge.json"
-    if not f.exists():
-        return {}
-    data = json.loads(f.read_text())
-    return {"merge": {k: v for k, v in data.items() if k != "members"}}
+def _btx_budget(recipe):
+    return dataclasses.replace(recipe.stitch.train, lr=recipe.baselines.btx_lr)
+
+
+def _routing_budget(recipe):
+    return dataclasses.replace(recipe.stitch.train, lr=recipe.baselines.routing_lr, warmup=0, min_lr_ratio=1.0)
+
+
+REGISTRY: dict[str, Baseline] = {
+    **{m: Baseline(m, _build_merge, _load) for m in MERGES},
+    **{m: Baseline(m, _train_btx, _load, _btx_budget) for m in BTX},
+    "btm": Baseline("btm", lambda run, name: _build_btm(run), _load),
+    "routing": Baseline("routing", lambda run, name: _train_routing(run), _load, _routing_budget),
+}

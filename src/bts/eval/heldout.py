@@ -1,0 +1,20 @@
+"""Held-out scoring: mean next-token loss of any causal LM over fixed windows of held-out tokens."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def heldout_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token NLL (nats/token) over all windows."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i:i + batch_size]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total += nll.item()
+        count += ids[:, 1:].numel()
+    return total / count
