@@ -27,7 +27,7 @@ backward while activations are being freed, so they need not coexist with all of
 the floor are temporaries (a block's intermediates, the logits' gradient, the stitch gradients).
 
 After the measured step's backward, the bytes of .grad and of optimizer state attached to member parameters are
-counted: both must be 0 (tests/test_performance.py asserts the same).
+counted: both must be 0 (tests/train/test_performance.py asserts the same).
 """
 
 from __future__ import annotations

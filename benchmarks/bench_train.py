@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_train.py [--threads 1] [--repeats 7] [--dtype bfloat16] [--checkpoint-members]
 
 Numerator: one stitch-training step exactly as bts.train.loop runs it: model.train(); loss = model(ids, labels=ids).loss;
-loss.backward(); clip_grad_norm_ over the stitch parameters; AdamW (bts.train.make_optimizer, stitch parameters
+loss.backward(); clip_grad_norm_ over the stitch parameters; AdamW (bts.train.loop.make_optimizer, stitch parameters
 only) .step(); zero_grad(set_to_none=True).
 Denominator: the stitched forward on the same batch, in eval mode, under no_grad, use_cache=False (what
 bench_model.py calls "forward").
