@@ -11,6 +11,8 @@ from helpers import VOCAB, open_stitches, random_ids, tiny_members
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from bts import BTSError, BTSForCausalLM
+from bts.core import hf
+from bts.core.runners import BatchedRunner, Checkpointed, LoopRunner
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -89,6 +91,40 @@ def test_checkpointed_members_give_the_same_gradients(batched):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
 
 
+@pytest.mark.parametrize("members", ["loop", "batched"])
+def test_checkpointing_wraps_either_runner_and_changes_no_bit(members):
+    ref, _ = _pair("llama", n=2, positions=[2, 3], gate_dropout=0.1)  # hub-only block 3; dropout: RNG replayed
+    ref.set_execution(members)
+    other = copy.deepcopy(ref)
+    other.set_execution(checkpoint_members=True)
+    ids = random_ids()
+    results = []
+    for model in (ref, other):
+        model.train()
+        torch.manual_seed(0)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append([loss] + [p.grad for p in model.stitch_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_runner_follows_the_execution_settings():
+    ref, _ = _pair("llama", n=2)
+    cache = hf.new_cache(ref.config)
+    for members, cached, runner in [("loop", True, LoopRunner), ("batched", False, BatchedRunner),
+                                    ("auto", False, LoopRunner), ("auto", True, BatchedRunner)]:
+        ref.set_execution(members)
+        assert type(ref._runner(cache if cached else None, use_cache=cached)) is runner
+    ref.set_execution("batched", checkpoint_members=True)
+    wrapped = ref._runner(None, use_cache=False)
+    assert isinstance(wrapped, Checkpointed) and type(wrapped.inner) is BatchedRunner
+    with torch.no_grad():  # nothing to recompute without a graph, nor with a cache
+        assert type(ref._runner(None, use_cache=False)) is BatchedRunner
+    assert type(ref._runner(cache, use_cache=True)) is BatchedRunner
+    ref.set_active_experts(["expert2"])  # a sparse subset: the runner runs the hub and that expert only
+    assert ref._runner(None, use_cache=False).inner.decoders == [ref.hub.model, ref.experts[1]]
+
+
 def test_batched_members_share_storage_and_stay_frozen():
     ref, fast = _pair("llama", n=2)
     before = {k: v.clone() for k, v in fast.hub.state_dict().items()}
@@ -97,7 +133,7 @@ def test_batched_members_share_storage_and_stay_frozen():
     fast(ids, labels=ids).loss.backward()
     torch.optim.AdamW(fast.stitch_parameters(), lr=1e-2).step()
     # batching costs no second copy: each member weight is a slice of its block's stack
-    stack = fast._stacks[1][0].weights["q"]
+    stack = fast._stacks.blocks[0].weights["q"]
     assert fast.hub.model.layers[0].self_attn.q_proj.weight.data_ptr() == stack[0].data_ptr()
     assert all(torch.equal(v, fast.hub.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for m in fast.members() for p in m.parameters())
@@ -123,9 +159,9 @@ def test_auto_execution_batches_only_generation_and_rejects_unknown_modes():
     ids = random_ids(1, 6)
     with torch.no_grad():
         auto(ids)  # no cache: the reference path, nothing stacked
-        assert auto._stacks is None
+        assert auto._stacks.blocks is None
         out = auto.generate(ids, max_new_tokens=5, do_sample=False)
-        assert auto._stacks is not None
+        assert auto._stacks.blocks is not None
         assert torch.equal(out, ref.generate(ids, max_new_tokens=5, do_sample=False))
     assert auto.execution == {"members": "auto", "checkpoint_members": False}
     with pytest.raises(BTSError, match="one of auto, loop, batched"):

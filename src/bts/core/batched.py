@@ -16,8 +16,8 @@ stack, so batching costs no second copy. Running a subset of experts (sparse inf
 active members' weights, kept until the active set changes.
 
 The math below mirrors LlamaDecoderLayer (and Mistral's, Qwen2's biases, Qwen3's q/k norms) as of transformers
-5.24; bts.core.hf.block_parameters names the weights, and tests/test_batched.py checks this path against the reference
-one for every supported architecture, with and without a KV cache.
+5.24; bts.core.hf.block_parameters names the weights, and tests/core/test_batched.py checks this path against the
+reference one for every supported architecture, with and without a KV cache.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bts.core import hf
+from bts.errors import BTSError
 
 
 class StackedBlock:
@@ -51,6 +52,25 @@ def anchor(layers: list) -> tuple:
 
 def stacked_blocks(decoders: list, num_blocks: int, share: bool) -> list[StackedBlock]:
     return [StackedBlock([dec.layers[i] for dec in decoders], share) for i in range(num_blocks)]
+
+
+class StackCache:
+    """The running members' stacked blocks, kept between forwards: built once per key (active set, number of
+    blocks) and rebuilt if the members were moved or re-cast since."""
+
+    def __init__(self):
+        self.key, self.blocks = None, None
+
+    def get(self, decoders: list, key, num_blocks: int, share: bool) -> list[StackedBlock]:
+        first = [dec.layers[0] for dec in decoders]
+        if self.key != key or self.blocks[0].anchor != anchor(first):
+            if len({(p.dtype, p.device) for layer in first for p in layer.parameters()}) > 1:
+                raise BTSError("batched members need every member in one dtype on one device; "
+                               "use set_execution('loop').")
+            self.key = self.blocks = None  # free the previous stacks before building new ones
+            self.blocks = stacked_blocks(decoders, num_blocks, share)
+            self.key = key
+        return self.blocks
 
 
 def _rms(x, weight, eps):

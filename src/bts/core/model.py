@@ -18,12 +18,10 @@ projections, gate rows and KV cache are skipped, and E→H gates renormalise ove
 from __future__ import annotations
 
 import shutil
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from bts.core import batched, hf
@@ -32,6 +30,7 @@ from bts.core.config import BTSConfig
 from bts.errors import BTSError
 from bts.core.members import TOKENIZER_FILES, Member, check_compatible, freeze, load_causal_lm, weights_sha256
 from bts.core.stitch import E2H, StitchLayer, check_stitch_options, stitch_kinds, stitch_positions
+from bts.core.runners import BatchedRunner, Checkpointed, LoopRunner, MemberRunner
 
 STITCH_WEIGHTS = "stitch.safetensors"
 EXECUTIONS = ("auto", "loop", "batched")
@@ -72,7 +71,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         self._active: list[int] | None = None  # sparse inference: indices of the experts that run (None: all)
         self._execution = "auto"  # execution paths: see set_execution
         self._checkpoint = False
-        self._stacks = None  # (running members, [StackedBlock]) for the batched path
+        self._stacks = batched.StackCache()  # the batched path's stacked blocks, kept between forwards
         self.stitches.float()
 
     def _claim_cache_slots(self) -> None:
@@ -150,7 +149,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- execution paths ----------------------------------------------------------------------------------
     def set_execution(self, members: str | None = None, *, checkpoint_members: bool | None = None) -> None:
-        """How the members run; the outputs are the same every way (tests/test_batched.py).
+        """How the members run; the outputs are the same every way (tests/core/test_batched.py).
 
         members: "loop" runs each member's own Hugging Face layers in turn (the reference path). "batched" runs
           block i of every running member as one set of batched matmuls over stacked weights (bts.core.batched); the
@@ -163,7 +162,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         if members is not None:
             if members not in EXECUTIONS:
                 raise BTSError(f"members must be one of {', '.join(EXECUTIONS)} (got '{members}').")
-            self._execution, self._stacks = members, None
+            self._execution, self._stacks = members, batched.StackCache()
         if checkpoint_members is not None:
             self._checkpoint = bool(checkpoint_members)
 
@@ -171,25 +170,35 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
     def execution(self) -> dict:
         return {"members": self._execution, "checkpoint_members": self._checkpoint}
 
-    def _stacked_blocks(self, num_blocks: int) -> list:
-        """The running members' blocks 0..num_blocks-1 stacked (built once per active set; rebuilt if the
-        members were moved or re-cast since)."""
-        decoders = [hf.decoder_of(self.hub)] + [self.experts[a] for a in (self._active or range(len(self.experts)))]
-        key = (tuple(self._active or ()), num_blocks)
-        stale = self._stacks is None or self._stacks[0] != key
-        if stale or self._stacks[1][0].anchor != batched.anchor([dec.layers[0] for dec in decoders]):
-            params = [p for dec in decoders for p in dec.layers[0].parameters()]
-            if len({(p.dtype, p.device) for p in params}) > 1:
-                raise BTSError("batched members need every member in one dtype on one device; "
-                               "use set_execution('loop').")
-            self._stacks = None  # free the previous stacks before building new ones
+    def _runner(self, cache, use_cache) -> MemberRunner:
+        """This forward's execution path: loop or batched members (set_execution), checkpointed in training."""
+        self._claim_cache_slots()
+        kinds, positions = self.config.stitch_kinds, self.config.stitch_positions
+        live = max(p for p, k in zip(positions, kinds) if k == E2H) if E2H in kinds else 0  # blocks the experts run
+        running = list(self.experts) if self._active is None else [self.experts[a] for a in self._active]
+        decoders = [hf.decoder_of(self.hub), *running]
+        args = dict(active=self._active, live=live, cache=cache, use_cache=use_cache)
+        if live and (self._execution == "batched" or (self._execution == "auto" and cache is not None)):
             # The full set shares storage with the members (no extra copy); a subset is a copy of its members.
-            self._stacks = (key, batched.stacked_blocks(decoders, num_blocks, share=self._active is None))
-        return self._stacks[1]
+            blocks = self._stacks.get(decoders, (tuple(self._active or ()), live), live, share=self._active is None)
+            runner = BatchedRunner(self.hub.config, decoders, blocks=blocks, **args)
+        else:
+            runner = LoopRunner(self.hub.config, decoders, **args)
+        if self._checkpoint and torch.is_grad_enabled() and cache is None:
+            runner = Checkpointed(runner)
+        return runner
+
+    def _check_context(self, tokens: int) -> None:
+        context = self.config.max_position_embeddings
+        if context and tokens > context:  # rotary positions past training are silent garbage
+            raise BTSError(f"input of {tokens} tokens is longer than the model's context "
+                           f"(max_position_embeddings={context}); shorten the prompt or max_new_tokens.")
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep=0, return_gates: bool = False, **kwargs):
+        """embed → (member blocks → stitch)* → the hub's norm and LM head. How the members run is the runner's
+        business (bts.core.runners). return_gates: also each stitch's gates ("effective": its mixing weights)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("BTSForCausalLM needs input_ids: every member embeds the tokens with its own table.")
         cache = hf.cache_from_kwargs(kwargs)
@@ -197,59 +206,22 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             cache = hf.new_cache(self.config)
         hub = hf.decoder_of(self.hub)
         past = cache.get_seq_length() if cache is not None else 0
-        context = self.config.max_position_embeddings
-        if context and past + input_ids.shape[1] > context:  # rotary positions past training are silent garbage
-            raise BTSError(f"input of {past + input_ids.shape[1]} tokens is longer than the model's context "
-                           f"(max_position_embeddings={context}); shorten the prompt or max_new_tokens.")
+        self._check_context(past + input_ids.shape[1])
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + past
-        active = self._active  # None: every expert runs
-        running = list(self.experts) if active is None else [self.experts[a] for a in active]
-        states = [hub.embed_tokens(input_ids)] + [e.embed_tokens(input_ids) for e in running]
-        masks = hf.build_masks(self.hub.config, states[0], attention_mask, cache, position_ids)
-        rope = hf.rotary(hub, states[0], position_ids)
-        types = hf.layer_types(self.hub.config)
-        kinds, positions = self.config.stitch_kinds, self.config.stitch_positions
-        last_e2h = max(p for p, k in zip(positions, kinds) if k == E2H) if E2H in kinds else 0
-        stitch_after = dict(zip(positions, self.stitches))
-        self._claim_cache_slots()
+        runner = self._runner(cache, use_cache)
+        states = runner.embed(input_ids, attention_mask, position_ids)
+        stitch_after = dict(zip(self.config.stitch_positions, self.stitches))
         gates = []
-        layer_kwargs = dict(position_embeddings=rope, position_ids=position_ids, cache=cache, use_cache=use_cache)
-        batch_members = self._execution == "batched" or (self._execution == "auto" and cache is not None)
-        blocks = self._stacked_blocks(last_e2h) if batch_members and last_e2h else None
-        remat = self._checkpoint and torch.is_grad_enabled() and cache is None  # recompute member blocks in backward
         for i in range(len(hub.layers)):
-            mask = masks[types[i]]
-            if blocks is not None and i < last_e2h:  # every running member's block i as one batched computation
-                x = states if torch.is_tensor(states) else torch.stack(states)
-                step = lambda x, i=i, mask=mask: batched.block_forward(  # noqa: E731
-                    blocks[i], x, mask=mask, position_embeddings=rope, cache=cache, slot=i)
-                states = checkpoint(step, x, use_reentrant=False) if remat and x.requires_grad else step(x)
-            else:
-                states = list(states.unbind(0)) if torch.is_tensor(states) else states
-                # Expert blocks after the last E→H cannot reach the output: skip them (and their cache).
-                runners = [hub] + (running if i < last_e2h else [])
-                for m, member in enumerate(runners):
-                    step = partial(hf.call_layer, member.layers[i], mask=mask, **layer_kwargs)
-                    needs = remat and states[m].requires_grad
-                    states[m] = checkpoint(step, states[m], use_reentrant=False) if needs else step(states[m])
+            states = runner.block(i, states)
             stitch = stitch_after.get(i + 1)
             if stitch is not None:
-                dtype = states[0].dtype
-                experts = states[1:] if torch.is_tensor(states) else torch.stack(states[1:])
-                h0, experts = states[0].float(), experts.float()
-                if return_gates:
+                if return_gates:  # from the hub stream the stitch is about to read
                     fn = stitch.mixing_weights if return_gates == "effective" else stitch.gate_values
-                    gates.append(fn(h0, active=active).detach())
-                if remat:  # the stitch's intermediates are recomputed in backward too
-                    h0, experts = checkpoint(stitch, h0, experts, active=active, use_reentrant=False)
-                else:
-                    h0, experts = stitch(h0, experts, active=active)
-                if torch.is_tensor(states):
-                    states = torch.cat([h0.unsqueeze(0), experts]).to(dtype)
-                else:
-                    states = [h0.to(dtype)] + [e.to(dtype) for e in experts.unbind(0)]
-        hidden = hub.norm(states[0])
+                    gates.append(fn(runner.hub_stream(states).float(), active=self._active).detach())
+                states = runner.stitch(stitch, states)
+        hidden = hub.norm(runner.hub_stream(states))
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.hub.lm_head(hidden).float()

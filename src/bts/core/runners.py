@@ -1,0 +1,156 @@
+"""How the members run in one forward: the model says what to compute, a runner says how.
+
+`BTSForCausalLM.forward` is the paper's loop, written against one small interface:
+
+    states = runner.embed(input_ids, attention_mask, position_ids)   # every running member embeds the tokens
+    states = runner.block(i, states)                                 # decoder block i of the members
+    states = runner.stitch(stitch, states)                           # a stitch layer mixes the streams (fp32)
+    hub = runner.hub_stream(states)                                  # the hub's residual stream, [B, T, d]
+
+`states` belongs to the runner: the caller only passes it on. Every runner runs the hub and the running experts
+(sparse inference: `active`) and skips expert blocks after the last E→H stitch (`live` blocks run), which cannot
+reach the output. The runners:
+
+    LoopRunner        each member's own Hugging Face layer in turn (bts.core.hf.call_layer), states a list
+    BatchedRunner     block i of every running member as one batched computation (bts.core.batched), states one
+                      stacked [M, B, T, d] tensor while experts run; then the hub alone, as in the loop
+    Checkpointed      wraps either: member blocks and stitches keep only their inputs and recompute in backward
+
+The batched path matches the loop to float rounding; checkpointing changes no bit (tests/core/test_batched.py).
+This file only chooses how to run blocks: the blocks themselves are bts.core.hf (Hugging Face layers) and
+bts.core.batched (stacked weights), and the model picks a runner per forward (BTSForCausalLM._runner).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from bts.core import batched, hf
+
+
+def run(fn, *args, **kwargs):
+    """Run one member block or stitch as is (Checkpointed passes its own)."""
+    return fn(*args, **kwargs)
+
+
+class MemberRunner:
+    """The members for one forward: the hub's decoder first, then the running experts' (decoders)."""
+
+    def __init__(self, hub_config, decoders: list, *, active: list[int] | None, live: int, cache, use_cache):
+        self.hub_config, self.decoders, self.active = hub_config, decoders, active
+        self.live = live  # expert blocks 0..live-1 run; later ones come after the last E→H stitch
+        self.cache, self.use_cache = cache, use_cache
+        self.types = hf.layer_types(hub_config)
+
+    def embed(self, input_ids, attention_mask, position_ids):
+        """Every running member's embeddings; also builds the masks and rotary embedding that all blocks share."""
+        states = [dec.embed_tokens(input_ids) for dec in self.decoders]
+        self.masks = hf.build_masks(self.hub_config, states[0], attention_mask, self.cache, position_ids)
+        self.rope = hf.rotary(self.decoders[0], states[0], position_ids)
+        self.position_ids = position_ids
+        return states
+
+    def block(self, i: int, states, call=run):
+        """Decoder block i of the hub and, up to block live-1, the running experts. call(fn, x) runs each block
+        computation (Checkpointed passes one that recomputes it in backward)."""
+        raise NotImplementedError
+
+    def stitch(self, stitch, states, call=run):
+        """The stitch layer on the streams, in fp32; the streams go back to the members' dtype."""
+        dtype = states[0].dtype
+        experts = self._experts(states)
+        hub, experts = states[0].float(), experts.float()
+        hub, experts = call(stitch, hub, experts, active=self.active)
+        return self._join(hub, experts, dtype)
+
+    def hub_stream(self, states) -> torch.Tensor:
+        return states[0]
+
+    def _experts(self, states) -> torch.Tensor:  # [k, B, T, d]
+        raise NotImplementedError
+
+    def _join(self, hub, experts, dtype):
+        raise NotImplementedError
+
+
+class LoopRunner(MemberRunner):
+    """The reference path: each member's own Hugging Face layer in turn. states: a list of [B, T, d] streams."""
+
+    def block(self, i: int, states, call=run):
+        states = list(states)
+        mask = self.masks[self.types[i]]
+        members = self.decoders if i < self.live else self.decoders[:1]  # dead expert blocks: not run, not cached
+        for m, dec in enumerate(members):
+            step = partial(hf.call_layer, dec.layers[i], mask=mask, position_embeddings=self.rope,
+                           position_ids=self.position_ids, cache=self.cache, use_cache=self.use_cache)
+            states[m] = call(step, states[m])
+        return states
+
+    def _experts(self, states):
+        return torch.stack(states[1:])
+
+    def _join(self, hub, experts, dtype):
+        return [hub.to(dtype)] + [e.to(dtype) for e in experts.unbind(0)]
+
+
+class BatchedRunner(LoopRunner):
+    """Block i of every running member as one batched computation over stacked weights (blocks: one
+    batched.StackedBlock per live block). states: one [M, B, T, d] tensor through block live-1; from block live
+    only the hub runs, so the streams are split into the loop's list."""
+
+    def __init__(self, *args, blocks: list, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blocks = blocks
+        self.stacked = True  # the states are one tensor until the first hub-only block
+
+    def embed(self, input_ids, attention_mask, position_ids):
+        return torch.stack(super().embed(input_ids, attention_mask, position_ids))
+
+    def block(self, i: int, states, call=run):
+        if i >= self.live:
+            if self.stacked:
+                states, self.stacked = list(states.unbind(0)), False
+            return super().block(i, states, call)
+        step = partial(batched.block_forward, self.blocks[i], mask=self.masks[self.types[i]],
+                       position_embeddings=self.rope, cache=self.cache, slot=i)
+        return call(step, states)
+
+    def _experts(self, states):
+        return states[1:] if self.stacked else super()._experts(states)
+
+    def _join(self, hub, experts, dtype):
+        if not self.stacked:
+            return super()._join(hub, experts, dtype)
+        return torch.cat([hub.unsqueeze(0), experts]).to(dtype)
+
+
+def _remat_block(fn, x):
+    # Blocks before the first stitch carry no graph (frozen members): nothing to recompute.
+    return checkpoint(fn, x, use_reentrant=False) if x.requires_grad else fn(x)
+
+
+def _remat_stitch(fn, *args, **kwargs):
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+class Checkpointed(MemberRunner):
+    """Wraps a runner for training: member blocks and stitch layers keep no activations (only their inputs) and
+    recompute them in backward. Less memory for long sequences, for about one more forward."""
+
+    def __init__(self, inner: MemberRunner):
+        self.inner = inner
+
+    def embed(self, input_ids, attention_mask, position_ids):
+        return self.inner.embed(input_ids, attention_mask, position_ids)
+
+    def block(self, i: int, states):
+        return self.inner.block(i, states, _remat_block)
+
+    def stitch(self, stitch, states):
+        return self.inner.stitch(stitch, states, _remat_stitch)
+
+    def hub_stream(self, states):
+        return self.inner.hub_stream(states)
