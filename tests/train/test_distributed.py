@@ -3,6 +3,19 @@ the same global batch, and checkpoints move between 1 and 2 processes.
 
 One torch.multiprocessing spawn runs every 2-process scenario (starting processes is the expensive part); the
 1-process references run in the test process.
+
+Precision. Two processes sum each gradient in another order than one (two half-batches, then the all-reduce), so
+in float32 the trajectories drift apart by amounts that depend on the CPU's kernels (Adam turns the rounding of a
+near-cancelling gradient into an update error: 1.44e-5 on a 2-core EPYC). Every model is therefore built in
+float64, where the same drift is ~1e-14, and compared at 1e-9 — far below what the property under test produces
+when broken (per-rank load-balancing means, or DDP gradients left unaveraged: parameters 5e-2 apart). Two things
+are not float64 and get a tolerance derived from their own precision instead:
+  - the loss values: transformers computes the causal-LM loss in float32 (it casts the logits with .float()), a
+    mean over the micro-batch's tokens, so two summation orders differ by at most n·eps32·loss;
+  - a phase whose trainable modules still compute in float32 although the model is float64 (a float32 island:
+    found by `float32_islands`, listed in ISLANDS): its parameters are compared at ISLAND_RTOL of the largest
+    update, the size of error the island's rounding can reach through Adam. When the model code stops casting,
+    the phase's entry in ISLANDS fails (strict xfail) and the phase is held to 1e-9 by itself.
 """
 
 import functools
@@ -22,17 +35,28 @@ from bts.errors import BTSError
 from bts.train.config import TrainConfig
 from bts.train.loop import train
 
-ATOL = 1e-5
+DTYPE = torch.float64
+ATOL = 1e-9  # parameters of a phase that runs in float64 end to end (measured: <= 2e-14)
+ISLAND_RTOL = 1e-2  # a float32 island: a fraction of the largest update (measured: <= 5e-4 of it, EPYC included)
+MICRO_TOKENS = 2 * 40  # tokens in one micro-batch (batch 4 / grad_accum 2, seq_len 40): the float32 loss mean's n
+# Phases whose trainable modules compute in float32 inside a float64 model, and where the cast is.
+ISLANDS = {"stitched": "bts.core: stitch layers are kept in float32 and fed float32 streams",
+           "btx": "bts.baselines.btx.BTXRouter: router probabilities in float32 (logits.float())"}
 
 
 # ---- the phases: (model, trainable, train kwargs), built identically in every process -------------------------
+def members():
+    hub, experts = tiny_members("llama", 2, num_hidden_layers=2)
+    return hub.to(DTYPE), [e.to(DTYPE) for e in experts]
+
+
 def plain():
-    model = tiny_model("llama", seed=0, num_hidden_layers=2)
+    model = tiny_model("llama", seed=0, num_hidden_layers=2).to(DTYPE)
     return model, dict(model.named_parameters()), {}
 
 
 def stitched():
-    hub, experts = tiny_members("llama", 2, num_hidden_layers=2)
+    hub, experts = members()
     model = BTSForCausalLM.from_members(hub, experts, num_stitches=2)
     return model, {f"stitches.{k}": p for k, p in model.stitches.named_parameters()}, {}
 
@@ -40,7 +64,7 @@ def stitched():
 def btx():
     from bts.baselines.btx import btx_trainable_parameters, build_btx, set_btx_step
 
-    hub, experts = tiny_members("llama", 2, num_hidden_layers=2)
+    hub, experts = members()
     model = build_btx(hub, experts, routing="top2", seed_rng=0)
     # BTX's load balancing (α = 0.01) is on: its batch means are taken over the global batch, so it matches too.
     assert model.config.router_aux_loss_coef == 0.01
@@ -50,8 +74,8 @@ def btx():
 def routing():
     from bts.baselines.routing import RoutedModel, routing_loss_fn
 
-    hub, experts = tiny_members("llama", 2, num_hidden_layers=2)
-    model = RoutedModel.from_members([hub, *experts])
+    hub, experts = members()
+    model = RoutedModel.from_members([hub, *experts]).to(DTYPE)  # the router too
     return model, {f"router.{k}": p for k, p in model.router.named_parameters()}, {"loss_fn": routing_loss_fn}
 
 
@@ -122,29 +146,79 @@ def references(tmp_path_factory):
     return {phase: run_phase(phase, root / phase) for phase in PHASES}
 
 
-def _same(a, b):
+def float32_islands(phase) -> set[str]:
+    """Modules with trainable parameters of their own that hold or return float32 tensors in the float64 model of
+    `phase`, seen in one training forward (a cast to float32 inside a float64 model is a float32 island)."""
+    model, trainable, kw = PHASES[phase]()
+    mine = {id(t) for t in trainable.values()}
+    owners = {m for m in model.modules() for p in m.parameters(recurse=False) if id(p) in mine}
+    found = {type(m).__name__ for m in owners for p in m.parameters(recurse=False) if p.dtype != DTYPE}
+
+    def floats(out):
+        if torch.is_tensor(out):
+            return [out] if out.is_floating_point() else []
+        items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else []
+        return [t for item in items for t in floats(item)]
+
+    def hook(module, args, out):
+        if any(t.dtype != DTYPE for t in floats(out)):
+            found.add(type(module).__name__)
+
+    handles = [m.register_forward_hook(hook) for m in owners]
+    model.train()
+    if "step_hook" in kw:
+        kw["step_hook"](0)
+    with torch.no_grad():
+        kw.get("loss_fn", lambda m, b: m(**b).loss)(model, batcher()(0)[0])
+    for h in handles:
+        h.remove()
+    return found
+
+
+@pytest.fixture(scope="module")
+def tolerances(references):
+    """phase -> (loss atol, parameter atol), derived from the precision each quantity is computed in."""
+    out = {}
+    for phase, (losses, tensors) in references.items():
+        start = PHASES[phase]()[1]
+        update = max((tensors[k] - start[k].detach()).abs().max().item() for k in tensors)
+        loss_tol = MICRO_TOKENS * torch.finfo(torch.float32).eps * max(abs(x) for x in losses)
+        out[phase] = loss_tol, ATOL if not float32_islands(phase) else ISLAND_RTOL * update
+    return out
+
+
+def _same(a, b, tolerance):
     (losses_a, tensors_a), (losses_b, tensors_b) = a, b
-    assert losses_a == pytest.approx(losses_b, abs=ATOL)
+    loss_tol, atol = tolerance
+    assert losses_a == pytest.approx(losses_b, abs=loss_tol, rel=0)
     assert tensors_a.keys() == tensors_b.keys()
     for k in tensors_a:
-        torch.testing.assert_close(tensors_a[k], tensors_b[k], atol=ATOL, rtol=1e-4, msg=k)
+        assert tensors_a[k].dtype == tensors_b[k].dtype, k  # nothing was cast on the way
+        torch.testing.assert_close(tensors_a[k], tensors_b[k], atol=atol, rtol=0, msg=k)
 
 
 # ---- the tests -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("phase,mode", RUNS)
-def test_two_processes_follow_the_one_process_trajectory(two_process, references, phase, mode):
+def test_two_processes_follow_the_one_process_trajectory(two_process, references, tolerances, phase, mode):
     _, results = two_process
     losses, tensors = results[(phase, mode)]
     assert len(losses) == 4 and len(set(losses)) > 1  # it trained
-    _same(results[(phase, mode)], references[phase])
+    _same(results[(phase, mode)], references[phase], tolerances[phase])
 
 
 @pytest.mark.parametrize("phase,mode", MOVES)
-def test_checkpoints_move_between_process_counts(two_process, references, phase, mode):
+def test_checkpoints_move_between_process_counts(two_process, references, tolerances, phase, mode):
     root, results = two_process
-    _same(results[("resumed", phase)], references[phase])  # 1 -> 2
+    _same(results[("resumed", phase)], references[phase], tolerances[phase])  # 1 -> 2
     resumed = run_phase(phase, root / f"two-then-one-{phase}")  # 2 -> 1
-    _same(resumed, references[phase])
+    _same(resumed, references[phase], tolerances[phase])
+
+
+@pytest.mark.parametrize("phase", [pytest.param(p, marks=pytest.mark.xfail(p in ISLANDS, reason=ISLANDS.get(p, ""),
+                                                                          strict=True)) for p in PHASES])
+def test_phase_runs_in_float64_end_to_end(phase):
+    """The float64 models really compute their trainable modules in float64; the ISLANDS entries say where not."""
+    assert float32_islands(phase) == set()
 
 
 def test_two_process_run_writes_rank0_logs_and_full_checkpoints(two_process):

@@ -17,7 +17,7 @@ class TrainConfig:
     grad_accum: int = 1
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping; 0 disables it
-    dtype: str = "float32"  # autocast dtype of the forward: float32 | bfloat16
+    dtype: str = "float32"  # autocast of the forward: float32 (none; tensors keep their dtypes) | bfloat16
     log_every: int = 10
     ckpt_every: int = 50
     compile: bool = False  # torch.compile the model for this phase: faster steps after a one-off compile

@@ -106,9 +106,10 @@ def mean_scalar(value: float, device) -> float:
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Mean of the gradients over ranks, in one flat fp32 bucket per dtype: the all-reduce DDP does, once per
-    optimizer step (so gradient accumulation costs no extra communication) and only over the trainable tensors.
-    A parameter without a gradient on this rank (an unused MoE expert) contributes zeros."""
+    """Mean of the gradients over ranks, in one flat bucket per dtype (float64 gradients are reduced in float64):
+    the all-reduce DDP does, once per optimizer step (so gradient accumulation costs no extra communication) and
+    only over the trainable tensors. A parameter without a gradient on this rank (an unused MoE expert) contributes
+    zeros."""
     world_ = dist.get_world_size()
     by_dtype: dict = {}
     for p in params:

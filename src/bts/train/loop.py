@@ -5,9 +5,10 @@
 `trainable` names the parameters the optimizer holds (AdamW; weight decay on matrices only). `batches(step)`
 returns that step's micro-batches and must be a pure function of the step (bts.data.Batcher is): resuming then
 needs no data-loader state. Warm-up then cosine decay to cfg.min_lr_ratio, gradient clipping and accumulation,
-optional bfloat16 autocast. Every cfg.ckpt_every steps the trainable tensors, the optimizer, the step and the RNG
-states are written atomically under out_dir/ckpt; calling train() again with the same arguments resumes from the
-last complete checkpoint and reproduces the uninterrupted run bit for bit on CPU. A non-finite loss stops the run
+optional bfloat16 autocast (otherwise nothing is cast: a float64 model and its optimizer state stay float64).
+Every cfg.ckpt_every steps the trainable tensors, the optimizer, the step and the RNG states are written atomically
+under out_dir/ckpt; calling train() again with the same arguments resumes from the last complete checkpoint and
+reproduces the uninterrupted run bit for bit on CPU. A non-finite loss stops the run
 with the step number; the last good checkpoint is kept.
 
 Under torchrun (bts.train.distributed; see docs/distributed.md) every rank takes its rows of the same global batch, so
@@ -43,6 +44,9 @@ from bts.errors import BTSError
 from bts.train.config import TrainConfig
 
 KEEP_CHECKPOINTS = 2
+# cfg.dtype -> the autocast dtype of the forward. "float32" is no autocast: every tensor keeps its own dtype, so a
+# float64 model trains in float64 and bf16 members stay bf16.
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -162,6 +166,8 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
           metrics_fn: Callable[[], dict] | None = None, parallel: str | None = None) -> TrainResult:
     """Train `trainable` (a subset of model's parameters) for cfg.steps; resume from out_dir/ckpt if present.
     parallel: "ddp" | "fsdp2" under torchrun (default $BTS_PARALLEL, else ddp); ignored in a single process."""
+    if cfg.dtype not in AUTOCAST:
+        raise BTSError(f"{desc}: train dtype must be one of {', '.join(AUTOCAST)} (got '{cfg.dtype}').")
     mode = distributed.parallel_mode(parallel)
     if mode == "fsdp2" and loss_fn is not default_loss and not getattr(loss_fn, "through_forward", False):
         # A custom loss may call submodules directly, past the root FSDP unit's unshard hook; replicas are safe.
@@ -215,7 +221,7 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
                 if mode is not None:
                     micro = {k: v.to(device) if torch.is_tensor(v) else v
                              for k, v in distributed.shard_batch(micro, rank, world).items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST[cfg.dtype] is not None):
                     loss = loss_fn(work, micro)
                 if mode is None and not torch.isfinite(loss):
                     raise _non_finite(desc, loss.item(), step, ckpt_root)
@@ -285,7 +291,9 @@ def _prepare_parallel(model, trainable: dict, mode: str, device, step_hook):
         if id(p) not in keep:
             p.requires_grad_(False)
     if mode == "ddp":
-        model.to(device)
+        # nn.Module.to itself, a pure device move: a model's own to() may also cast (BTSForCausalLM.to puts its
+        # stitches back in float32, which turned float64 stitches into float32 on every rank).
+        torch.nn.Module.to(model, device)
         distributed.broadcast_parameters(model)
         return model, trainable, step_hook
     names = {id(p): n for n, p in model.named_parameters()}
