@@ -1,4 +1,5 @@
-"""Corpora: fixtures, group splits, local sources and their errors, the stdlib corpus, and download failures.
+"""Corpora (bts.data.corpora and its parts: documents, builtin, sources): fixtures, group splits, local sources
+and their errors, the stdlib corpus, and download failures.
 
 Nothing here touches apt, npm or pip: package fetches are replaced by fakes where a test needs them.
 """
@@ -11,7 +12,7 @@ from argparse import Namespace
 
 import pytest
 
-from bts.data import corpora
+from bts.data import builtin, corpora, documents
 from bts.data.corpora import BUILTIN_DOMAINS, Document, cap_documents, fixture_corpus, load_domain, split_by_group
 from bts.errors import BTSError
 
@@ -40,7 +41,7 @@ def assert_valid_split(docs, splits, fractions):
 # ---- fixtures ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("domain", BUILTIN_DOMAINS)
 def test_fixture_is_small_licensed_and_splits_by_group(domain):
-    folder = corpora._fixture_dir(domain)
+    folder = documents._fixture_dir(domain)
     assert (folder / "documents.jsonl").stat().st_size <= 100_000
     prov = corpora.fixture_provenance(domain)
     assert prov["license"] and prov["source"] and prov["domain"] == domain
@@ -226,10 +227,10 @@ def test_download_failure_names_package_and_local_files_fallback(monkeypatch, tm
 
     def fake_run(cmd, cwd):
         calls.append(cmd[:2])
-        raise corpora._SourceError(f"`{' '.join(cmd)}` exited 100: E: Unable to locate package {cmd[-1]}")
+        raise builtin._SourceError(f"`{' '.join(cmd)}` exited 100: E: Unable to locate package {cmd[-1]}")
 
-    monkeypatch.setattr(corpora, "_run", fake_run)
-    monkeypatch.setattr(corpora, "_APT_UPDATED", False)
+    monkeypatch.setattr(builtin, "_run", fake_run)
+    monkeypatch.setattr(builtin, "_APT_UPDATED", False)
     with pytest.raises(BTSError, match=r"metamath-databases.*data.domains.math.files=path/\*\.txt"):
         corpora.prepare_builtin("math", tmp_path)
     # The package lists were refreshed once, then never again.
@@ -247,7 +248,7 @@ def test_setmm_sections_grouped_by_chapter_without_proofs():
             f"$(\n{bar_sec}\n  Axioms\n{bar_sec}\n$)\nax-1 $a |- ( ph -> ph ) $.\n"
             f"th1 $p |- ph $= ( wi ax-1 ) ABC $.\n"
             f"$(\n{bar_ch}\n  Sets\n{bar_ch}\n$)\n$(\n{bar_sec}\n  Union\n{bar_sec}\n$)\nun $a class ( A u. B ) $.\n")
-    docs = corpora._setmm_documents(text)
+    docs = builtin._setmm_documents(text)
     assert [(d.id.split(" ", 1)[1], d.group) for d in docs] == [
         ("preamble", "preamble"), ("Logic", "Logic"), ("Axioms", "Logic"), ("Sets", "Sets"), ("Union", "Sets")]
     assert "$=" not in "".join(d.text for d in docs) and "th1 $p |- ph $." in docs[2].text
@@ -255,14 +256,14 @@ def test_setmm_sections_grouped_by_chapter_without_proofs():
 
 def test_austen_chapters_keep_the_title_page_with_chapter_one():
     text = "EMMA\n\nVOLUME I\n\nCHAPTER I\n\nEmma Woodhouse.\n\nCHAPTER II\n\nMr. Weston.\n\nCHAPTER I\n\nAgain."
-    docs = corpora._austen_chapters("emma", text)
+    docs = builtin._austen_chapters("emma", text)
     assert [d.id for d in docs] == ["emma/chapter-01", "emma/chapter-02", "emma/chapter-03"]
     assert docs[0].text.startswith("EMMA") and {d.group for d in docs} == {"emma"}
     assert "".join(d.text for d in docs).replace("\n", "") == text.replace("\n", "")
 
 
 def test_license_families_merge_near_duplicates_across_names():
-    assert [corpora._license_family(i) for i in ("GPL-2.0-only", "GPL-3.0+", "BSD-3-Clause", "CC-BY-SA-4.0",
+    assert [builtin._license_family(i) for i in ("GPL-2.0-only", "GPL-3.0+", "BSD-3-Clause", "CC-BY-SA-4.0",
                                                 "X11", "bzip2-1.0.6", "0BSD")] == \
         ["gpl", "gpl", "bsd", "cc", "x11", "bzip", "0bsd"]
     rng = random.Random(0)
@@ -272,10 +273,10 @@ def test_license_families_merge_near_duplicates_across_names():
     other = " ".join(f"v{rng.randint(0, 5000)}" for _ in range(600))
     docs = [Document("GPL-3.0", "", gpl), Document("AGPL-3.0", "", agpl), Document("GPL-2.0", "", other),
             Document("Zlib", "", other + " extra words here")]
-    groups = corpora._license_groups(docs)
+    groups = builtin._license_groups(docs)
     assert groups["GPL-3.0"] == groups["AGPL-3.0"] == groups["GPL-2.0"] == "gpl"  # one family + a near copy
     assert groups["Zlib"] == "gpl"  # a near copy of GPL-2.0's text joins that group too, whatever its name
-    assert corpora._license_groups(docs[:1] + [Document("MIT", "", other)]) == {"GPL-3.0": "gpl", "MIT": "mit"}
+    assert builtin._license_groups(docs[:1] + [Document("MIT", "", other)]) == {"GPL-3.0": "gpl", "MIT": "mit"}
 
 
 def test_hf_columns_are_checked(monkeypatch):
