@@ -72,3 +72,71 @@ def test_recipe_values_are_never_evaluated(tmp_path):
     evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(BTSError):
         load_recipe(str(evil))
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("stitch.init=blnd", "stitch.init must be one of"),
+    ("stitch.expert_stream=x", "stitch.expert_stream must be one of"),
+    ("stitch.beta=-1", "stitch.beta must be a positive finite number (got -1.0)"),
+    ("stitch.positions=[1.5]", "stitch.positions"),
+    ("baselines.methods=[soup, nope]", "baselines.methods names 'nope', which is not a baseline"),
+    ("baselines.methods=[soup, soup]", "baselines.methods names 'soup' twice"),
+    ("baselines.merge_lambda=0", "baselines.merge_lambda=0.0 must be a finite number > 0"),
+    ("baselines.ties_density=1.5", "baselines.ties_density=1.5 must be in (0, 1]"),
+    ("baselines.dare_drop_rate=1", "baselines.dare_drop_rate=1.0 must be in [0, 1)"),
+    ("baselines.btx_lr=-1", "baselines.btx_lr must be positive (got -1"),
+    ("baselines.btx_trainable=lora", "baselines.btx_trainable 'lora' is not one of full, router"),
+    ("baselines.routing_lr=.inf", "baselines.routing_lr must be finite (got inf)"),
+    ("baselines.sweep=3", "baselines.sweep must be of type bool (got 3)"),
+    ("downstream.tasks=[nope]", "downstream.tasks names 'nope', which is not a task"),
+    ("downstream.fewshot=-1", "downstream.fewshot must be ≥ 0 (got -1)"),
+    ("experts.domains=[code, code]", "experts.domains names 'code' twice"),
+    ("experts.train.weight_decay=-0.1", "experts.train.weight_decay must be ≥ 0 (got -0.1)"),
+    ("stitch.train.clip=.nan", "stitch.train.clip must be ≥ 0 (got nan)"),
+    ("seed_model.num_heads=3", "seed_model.hidden_size (64) must be a multiple of seed_model.num_heads (3)"),
+    ("seed_model.num_kv_heads=0", "seed_model.num_kv_heads must be positive (got 0)"),
+    ("tokenizer.train_chars=0", "tokenizer.train_chars must be positive (got 0)"),
+    ("data.split_fractions=[0.8, 0.1, 0.2]", "data.split_fractions must be three non-negative numbers summing to 1"),
+    ("data.eval_tokens=-1", "data.eval_tokens must be ≥ 0"),
+    ("data.domains.code.max_chars=-1", "data.domains.code.max_chars must be ≥ 0"),
+    ("data.domains.code={source: hf}", "data.domains.code.dataset is empty but source is 'hf'"),
+    ("data.domains.code={source: files, files: [3]}", "data.domains.code.files must list paths or globs (got 3)"),
+])
+def test_every_value_is_checked_at_load(override, fragment):
+    """Each of these loaded fine before and failed at its stage (or never): now refused at load, naming the key."""
+    with pytest.raises(BTSError) as err:
+        load_recipe("smoke", [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_baseline_option_belongs_to_a_baseline_and_is_checked():
+    """Each `baselines.*` key but `methods` is read by some registered baseline, which checks it (the recipe
+    holds no baseline check of its own); the trained ones say their training phase."""
+    import dataclasses
+
+    from bts.baselines.registry import REGISTRY
+    from bts.pipeline.recipe import BaselinesConfig
+
+    declared = {key for b in REGISTRY.values() for key in b.options}
+    assert declared == {f.name for f in dataclasses.fields(BaselinesConfig)} - {"methods"}
+    r = load_recipe("smoke")
+    assert list(REGISTRY) == r.baselines.methods  # the paper's order, as the smoke recipe lists them
+    for b in REGISTRY.values():
+        assert (b.budget(r) is not None) == b.trained
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("stitch.init=blnd", "stitch.init"),
+    ("baselines.methods=[btx_top3]", "baselines.methods"),
+    ("baselines.btx_trainable=lora", "baselines.btx_trainable"),
+])
+def test_bad_value_through_the_cli_writes_nothing(tmp_path, override, needle):
+    from helpers import TINY
+
+    from bts.cli.child import run_cli
+
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    rc = run_cli(["run", "smoke", "--run-dir", str(run_dir), *TINY, override], log)
+    lines = log.read_text().strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert not run_dir.exists() or not any(run_dir.rglob("*"))

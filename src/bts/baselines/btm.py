@@ -22,98 +22,30 @@ holds all m members' log-probs, m·B·T·V floats.
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin,
-                          PreTrainedModel)
+from transformers import AutoConfig, AutoModelForCausalLM, Cache, DynamicCache
 
+from bts.baselines.base import Baseline, accounting, run_members
+from bts.baselines.composite import (CompositeModel, MemberSetConfig, as_batch, positions_from_mask,
+                                     token_logprobs)
 from bts.core import hf
-from bts.core.config import CompositeConfig
+from bts.core.members import load_member_set
 from bts.errors import BTSError
-from bts.core.members import Member, check_compatible, freeze, load_causal_lm, weights_sha256
 
 CACHED_PRIOR_DECAY = 0.3  # BTM's "cached prior" decay; the third-party value, unverified against the paper
 
 
-# ---- members shared by the ensemble-style baselines (also used by bts.baselines.routing) ---------------------------
-def load_member_set(members, names: list[str] | None = None, dtype: torch.dtype | None = None) -> list[Member]:
-    """Load and check the members (seed first, then experts): dirs, cached hub ids or loaded *ForCausalLM models."""
-    members = list(members) if isinstance(members, (list, tuple)) else [members]
-    if not members:
-        raise BTSError("members: at least one member (the seed) is needed (got none).")
-    if names is not None and len(names) != len(members):
-        raise BTSError(f"names: {len(names)} names given for {len(members)} members.")
-    loaded = []
-    for i, spec in enumerate(members):
-        role = "seed" if i == 0 else f"expert {i}"
-        model, path = load_causal_lm(spec, role, dtype)
-        default = "seed" if i == 0 else (Path(str(spec)).name if not isinstance(spec, nn.Module) else f"expert{i}")
-        loaded.append(Member(names[i] if names else default, model, path))
-    if len(loaded) > 1:
-        check_compatible(loaded[0], loaded[1:])
-    return loaded
-
-
-def member_manifest(members: list[Member]) -> list[dict]:
-    return [{"name": m.name, "path": m.path, "sha256": weights_sha256(m.path) if m.path else None} for m in members]
-
-
-def save_member_manifest(manifest: list[dict], models: list[nn.Module], out: Path, export_members: bool) -> list:
-    """The manifest to write into `out`: members that only exist in memory (or all, with export_members) are
-    written under out/members/<name> and referenced relatively, so the folder is self-contained."""
-    written = []
-    for spec, model in zip(manifest, models):
-        spec = dict(spec)
-        if export_members or not spec["path"]:
-            target = out / "members" / spec["name"]
-            if spec["path"] and Path(spec["path"]).resolve() != target.resolve():
-                shutil.copytree(spec["path"], target, dirs_exist_ok=True)
-            elif not spec["path"]:
-                model.save_pretrained(target)
-            spec["path"] = f"members/{spec['name']}"
-            spec["sha256"] = weights_sha256(target)
-        written.append(spec)
-    return written
-
-
-def reload_members(manifest: list[dict], folder: Path, dtype=None) -> list[nn.Module]:
-    """Load the members a saved wrapper refers to, refusing any whose weights changed since it was saved."""
-    models = []
-    for spec in manifest:
-        path = Path(spec["path"])
-        path = path if path.is_absolute() else folder / path
-        if not path.is_dir():
-            raise BTSError(f"member '{spec['name']}' was saved from '{path}', which no longer exists.")
-        found = weights_sha256(path)
-        if spec.get("sha256") and found != spec["sha256"]:
-            raise BTSError(f"member '{spec['name']}' at '{path}' has changed since the model was saved "
-                           f"(weights sha256 {found[:12]}… != recorded {spec['sha256'][:12]}…).")
-        models.append(load_causal_lm(str(path), f"member '{spec['name']}'", dtype)[0])
-    return models
-
-
-def positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
-    """Position ids that ignore left padding (as generate derives them), for the last `length` positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-
-
 # ---- config ---------------------------------------------------------------------------------------------------------
 @strict
-class BTMConfig(CompositeConfig):
+class BTMConfig(MemberSetConfig):
     model_type = "bts_btm"
 
     prior: list | None = None  # probabilities, one per member; None = uniform
     prior_type: str = "uniform"  # "uniform" or "cached" (fitted by fit_prior)
     top_k: int | None = None  # mix only the k members with the highest posterior (renormalised)
-    num_members: int = 1
-
-    def fill_defaults(self) -> None:
-        if self.members is not None:
-            self.num_members = len(self.members)
 
     def cache_copies(self) -> int:
         return self.num_members  # every member runs on every sequence
@@ -170,26 +102,19 @@ class EnsembleCache(Cache):
 
 
 # ---- model ----------------------------------------------------------------------------------------------------------
-class BTMEnsemble(PreTrainedModel, GenerationMixin):
+class BTMEnsemble(CompositeModel):
     config_class = BTMConfig
     base_model_prefix = "btm"
-    main_input_name = "input_ids"
-    _supports_sdpa = True
     _supports_attention_backend = True
+    kind = "BTM ensemble"
 
     def __init__(self, config: BTMConfig, members: list[nn.Module] | None = None):
         super().__init__(config)
-        self.loss_type = "ForCausalLM"  # HF derives it from the class name, which lacks 'ForCausalLM'
         m = config.num_members
         _check_options(m, config.prior, config.prior_type, config.top_k)
         prior = torch.tensor(config.prior, dtype=torch.float64) if config.prior else torch.ones(m, dtype=torch.float64)
         self.register_buffer("log_prior", (prior / prior.sum()).log(), persistent=False)
-        self.post_init()  # before the members are attached: HF's weight init must never touch loaded members
-        if members is None:  # from a config alone (tests, planning): random members
-            members = [AutoModelForCausalLM.from_config(config.base_config) for _ in range(m)]
-        if len(members) != m:
-            raise BTSError(f"members: {len(members)} models given but the config lists {m}.")
-        self.members = nn.ModuleList(freeze(member) for member in members)
+        self.attach_members(members)
 
     @classmethod
     def from_members(cls, members, *, names: list[str] | None = None, prior: str = "uniform",
@@ -200,24 +125,13 @@ class BTMEnsemble(PreTrainedModel, GenerationMixin):
         _check_options(len(loaded), None, prior, top_k)
         if prior == "cached" and dev_sequences is None:
             raise BTSError("prior='cached' needs dev_sequences to estimate it from (got none).")
-        base = loaded[0].model.config
-        config = BTMConfig(base_config=base.to_dict(), members=member_manifest(loaded), prior_type=prior,
-                           top_k=top_k, bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
-                           pad_token_id=base.pad_token_id)
-        config._attn_implementation = base._attn_implementation
-        model = cls(config, members=[m.model for m in loaded])
+        model = cls(cls.config_for(loaded, prior_type=prior, top_k=top_k), members=[m.model for m in loaded])
         if prior == "cached":
             model.fit_prior(dev_sequences)
         return model
 
     def _init_weights(self, module):
         pass  # nothing of the ensemble's own is trainable
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for member in self.members:
-            member.eval()  # frozen members never run dropout
-        return self
 
     @property
     def prior(self) -> torch.Tensor:
@@ -324,47 +238,9 @@ class BTMEnsemble(PreTrainedModel, GenerationMixin):
         self.config.prior_type = "cached"
         return prior
 
-    # ---- saving and loading -------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, export_members: bool = False, **_ignored):
-        """Write the config (prior, top_k) and a manifest of the members (path + weights hash); members that only
-        exist in memory, or all with export_members=True, are copied into the folder."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        config = self.config.__class__.from_dict(self.config.to_dict())
-        config.members = save_member_manifest(self.config.members, list(self.members), out, export_members)
+    # ---- saving and loading: bts.baselines.composite; the prior goes into the config -------------------------------
+    def _save_own(self, out, config: BTMConfig) -> None:
         config.prior = self.prior.tolist()
-        config.architectures = [type(self).__name__]
-        config.save_pretrained(out)
-        if self.generation_config is not None:
-            self.generation_config.save_pretrained(out)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
-        folder = Path(pretrained_model_name_or_path)
-        if not (folder / "config.json").exists():
-            raise BTSError(f"'{folder}' is not a saved BTM ensemble (no config.json).")
-        config = config if isinstance(config, BTMConfig) else BTMConfig.from_pretrained(folder)
-        models = reload_members(config.members, folder, dtype)
-        config._attn_implementation = models[0].config._attn_implementation
-        model = cls(config, members=models)
-        if (folder / "generation_config.json").exists():
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(folder)
-        return model.eval()
-
-
-def as_batch(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids [B, T], attention_mask [B, T]) from a dict, a tensor or a token list."""
-    if isinstance(batch, dict):
-        ids = torch.as_tensor(batch["input_ids"])
-        mask = batch.get("attention_mask")
-    else:
-        ids, mask = torch.as_tensor(batch), None
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
-    return ids.to(device), mask.to(device)
 
 
 def sequence_logprob(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
@@ -373,14 +249,25 @@ def sequence_logprob(model: nn.Module, input_ids, attention_mask) -> torch.Tenso
     return torch.where(counts, token_logp, 0.0).sum(-1)
 
 
-def token_logprobs(model: nn.Module, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x_t | x_<t) for t ≥ 1 ([B, T-1], float64) and which of them are real tokens with a real context."""
-    mask = attention_mask.bool()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=positions_from_mask(attention_mask, input_ids.shape[1])).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return logp.double(), mask[:, 1:] & mask[:, :-1]
-
-
 AutoConfig.register("bts_btm", BTMConfig)
 AutoModelForCausalLM.register(BTMConfig, BTMEnsemble)
+
+
+class BTMBaseline(Baseline):
+    """`btm`: the ensemble of the seed and the experts under a uniform prior (as the BTS paper); no training."""
+
+    def build(self, run) -> dict:
+        from bts.train import distributed
+
+        seed, experts = run_members(run)
+        model = BTMEnsemble.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains])
+        if distributed.is_main():  # under torchrun every rank builds it; rank 0 writes it
+            model.save_pretrained(run.path("models", self.name))
+        return {}
+
+    def load(self, path, info: dict):
+        model = BTMEnsemble.from_pretrained(path).eval()
+        return model, accounting(model.param_counts())
+
+
+BASELINES = (BTMBaseline("btm"),)

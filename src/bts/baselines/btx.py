@@ -30,12 +30,11 @@ before multiplying. A plain-transformers load of the checkpoint still trains wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -45,8 +44,9 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from bts.atomic import atomic_write_json
+from bts.baselines.base import Baseline, positive, run_members, train_on_stitch_mix, write_model_dir
+from bts.core.members import Member, check_compatible, load_causal_lm
 from bts.errors import BTSError
-from bts.core.members import TOKENIZER_FILES, Member, check_compatible, load_causal_lm
 
 ROUTINGS = ("top2", "sampled_top1", "soft")
 TRAINABLE = ("full", "router")
@@ -59,7 +59,6 @@ SOURCE_TYPES = ("llama", "mistral")
 SAME_FIELDS = ("hidden_act", "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "sliding_window",
                "head_dim", "max_position_embeddings")
 FFN_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight")
-EXTRA_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def gumbel_temperature(step: int) -> float:
@@ -312,11 +311,15 @@ def _mixed_state_dict(states: list[dict], config: MixtralConfig, dtype: torch.dt
 # ---- training options, accounting, saving -----------------------------------------------------------------------
 def btx_trainable_parameters(model: nn.Module, trainable: str = "full") -> dict[str, nn.Parameter]:
     """Set requires_grad for BTX's full finetune ("full") or router-only training ("router"); return the trainables."""
-    if trainable not in TRAINABLE:
-        raise BTSError(f"trainable '{trainable}' is not one of {', '.join(TRAINABLE)}.")
+    check_trainable(trainable)
     for name, p in model.named_parameters():
         p.requires_grad_(trainable == "full" or name.endswith(".mlp.gate.weight"))
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_trainable(trainable: str, key: str = "trainable") -> None:
+    if trainable not in TRAINABLE:
+        raise BTSError(f"{key} '{trainable}' is not one of {', '.join(TRAINABLE)}.")
 
 
 def btx_parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -357,21 +360,45 @@ def save_btx(model: BTXForCausalLM, out_dir, *, force: bool = False, tokenizer_f
     for src in sources:  # force must never delete a member the model was built from
         if out.exists() and (Path(src).resolve() == out.resolve() or out.resolve() in Path(src).resolve().parents):
             raise BTSError(f"out '{out}' is (or contains) the member directory '{src}'; choose another out.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        src = tokenizer_from or getattr(model, "_bts_tokenizer_dir", None)
-        if src:
-            for name in TOKENIZER_FILES + EXTRA_TOKENIZER_FILES:
-                if (Path(src) / name).is_file():
-                    shutil.copy2(Path(src) / name, tmp / name)
-        if provenance is not None:
-            atomic_write_json(tmp / "bts_btx.json", provenance)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_model_dir(model, out, tokenizer_from=tokenizer_from or getattr(model, "_bts_tokenizer_dir", None),
+                           record=("bts_btx.json", provenance) if provenance is not None else None)
+
+
+# ---- the btx_* baselines ------------------------------------------------------------------------------------------
+class BTXBaseline(Baseline):
+    """`btx_<routing>`: seed + experts as the MoE's experts, trained on the stitch datamix for the stitch's steps and
+    batch size (the same token budget) at baselines.btx_lr, training baselines.btx_trainable."""
+
+    options = ("btx_lr", "btx_trainable")
+    trained = True
+
+    def __init__(self, name: str, routing: str):
+        super().__init__(name)
+        self.routing = routing
+
+    def check(self, options, prefix: str = "baselines.") -> None:
+        positive(options.btx_lr, f"{prefix}btx_lr")
+        check_trainable(options.btx_trainable, f"{prefix}btx_trainable")
+
+    def budget(self, recipe):
+        return dataclasses.replace(recipe.stitch.train, lr=recipe.baselines.btx_lr)  # the stitch's steps and batch
+
+    def build(self, run) -> dict:
+        from bts.train import distributed
+
+        seed, experts = run_members(run)
+        model = build_btx(seed, experts, routing=self.routing, seed_rng=run.recipe.seed)
+        trainable = btx_trainable_parameters(model, run.recipe.baselines.btx_trainable)
+        counts = btx_parameter_counts(model)
+        result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe),
+                                     step_hook=functools.partial(set_btx_step, model))
+        if distributed.is_main():
+            save_btx(model, run.path("models", self.name), force=True, tokenizer_from=seed)
+        return {**result, "trainable_params": counts["trainable"], "total_params": counts["total"],
+                "active_params": counts["active"]}
+
+    def load(self, path, info: dict):
+        return load_btx(path), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
+
+
+BASELINES = tuple(BTXBaseline(f"btx_{routing}", routing) for routing in ROUTINGS)  # top2, sampled_top1, soft

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,9 +36,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from bts.atomic import atomic_write_json
-from bts.errors import BTSError
+from bts.baselines.base import Baseline, run_members, write_model_dir
 from bts.core.members import Member, check_compatible, load_causal_lm, load_config, resolve_dir
+from bts.errors import BTSError
 
 METHODS = ("soup", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 TIES_DENSITY = 0.2
@@ -53,47 +52,49 @@ USES = {
     "dare_linear": {"lam", "normalize", "drop_rate"},
     "dare_ties": {"lam", "normalize", "drop_rate"},
 }
-FLAG = {"lam": "lambda", "normalize": "normalize", "density": "density", "drop_rate": "drop_rate"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+FLAG = {"lam": "lambda", "normalize": "normalize", "density": "density", "drop_rate": "drop_rate",
+        "random_seed": "random_seed"}
 
 
 # --------------------------------------------------------------------------------------------- parameters
 
 
-def resolve_params(method: str, *, lam=None, density=None, drop_rate=None, normalize=None, random_seed=None) -> dict:
-    """Validate the merge settings and fill in the method's defaults; returns the full settings used."""
+def resolve_params(method: str, *, lam=None, density=None, drop_rate=None, normalize=None, random_seed=None,
+                   names: dict | None = None) -> dict:
+    """Validate the merge settings and fill in the method's defaults; returns the full settings used. Errors name
+    each setting as `names` says (default FLAG, the command line's; a recipe passes its dotted keys)."""
     if method not in METHODS:
         raise BTSError(f"method '{method}' is not a weight merge (choose one of: {', '.join(METHODS)}).")
+    flag = {**FLAG, **(names or {})}
     given = {"lam": lam, "density": density, "drop_rate": drop_rate, "normalize": normalize}
     for name, value in given.items():
         if value is not None and name not in USES[method]:
-            raise BTSError(f"{FLAG[name]}={value} is not used by method '{method}'.")
+            raise BTSError(f"{flag[name]}={value} is not used by method '{method}'.")
     params: dict = {"method": method}
     if method == "soup":
         return params
     lam = 1.0 if lam is None else lam
     # λ ≤ 0 would return the seed (0) or subtract the experts (< 0): task negation, not a merge.
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
-        raise BTSError(f"lambda={lam} must be a finite number > 0.")
+        raise BTSError(f"{flag['lam']}={lam} must be a finite number > 0.")
     params["lam"] = float(lam)
     normalize = NORMALIZE[method] if normalize is None else normalize
     if not isinstance(normalize, bool):
-        raise BTSError(f"normalize={normalize} must be true or false.")
+        raise BTSError(f"{flag['normalize']}={normalize} must be true or false.")
     params["normalize"] = normalize
     if method == "ties":
         density = TIES_DENSITY if density is None else density
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-            raise BTSError(f"density={density} must be in (0, 1] (the fraction of each task vector kept).")
+            raise BTSError(f"{flag['density']}={density} must be in (0, 1] (the fraction of each task vector kept).")
         params["density"] = float(density)
     if method.startswith("dare"):
         drop_rate = DARE_DROP_RATE if drop_rate is None else drop_rate
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
-            raise BTSError(f"drop_rate={drop_rate} must be in [0, 1) (the probability of dropping an entry).")
+            raise BTSError(f"{flag['drop_rate']}={drop_rate} must be in [0, 1) (the probability of dropping an entry).")
         params["drop_rate"] = float(drop_rate)
         random_seed = 0 if random_seed is None else random_seed
         if isinstance(random_seed, bool) or not isinstance(random_seed, int):
-            raise BTSError(f"random_seed={random_seed} must be an integer.")
+            raise BTSError(f"{flag['random_seed']}={random_seed} must be an integer.")
         params["random_seed"] = random_seed
     return params
 
@@ -303,29 +304,14 @@ def save_merged(model: nn.Module, tokenizer_src_dir: str | os.PathLike | None, o
                 force: bool = False) -> Path:
     """Write `model` as a Hugging Face model directory, with the seed's tokenizer files copied byte for byte.
 
-    Everything is written into a hidden sibling folder that is renamed onto `out_dir` at the end, so an error
-    leaves nothing behind and `out_dir` is either untouched or complete. A non-empty `out_dir` is replaced only
-    with force=True.
+    Written as bts.baselines.base.write_model_dir does: an error leaves nothing behind and `out_dir` is either
+    untouched or complete. A non-empty `out_dir` is replaced only with force=True.
     """
     out = Path(out_dir)
     check_out_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        model.save_pretrained(staging)
-        if tokenizer_src_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_src_dir) / name
-                if src.is_file():
-                    shutil.copyfile(src, staging / name)
-        info = getattr(model, "_bts_merge", None)
-        if info is not None:
-            atomic_write_json(staging / "bts_merge.json", info)
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    info = getattr(model, "_bts_merge", None)
+    return write_model_dir(model, out, tokenizer_from=tokenizer_src_dir,
+                           record=("bts_merge.json", info) if info is not None else None)
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -335,12 +321,63 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise BTSError(f"out directory '{out}' is not empty; pass --force (force=True) to replace it.")
 
 
-def _replace_dir(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    # Move the old folder aside first, so a failure in between never leaves `out` missing both versions' files.
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-    os.rename(out, old / "previous")
-    os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+# ---- the merge baselines ------------------------------------------------------------------------------------------
+class MergeBaseline(Baseline):
+    """A weight merge of the seed and the experts (no training). Its settings come from the recipe
+    (baselines.merge_lambda, ties_density, dare_drop_rate) or, with baselines.sweep, the one in `sweep` is chosen on
+    the *validation* split (never held-out) from its grid, by the mean loss over the domains."""
+
+    RECIPE_KEYS = {"lam": "merge_lambda", "density": "ties_density", "drop_rate": "dare_drop_rate"}
+
+    def __init__(self, name: str, method: str, settings: tuple[str, ...] = (), sweep: tuple | None = None):
+        super().__init__(name)
+        self.method, self.settings, self.sweep = method, settings, sweep  # sweep: (setting, grid)
+        self.options = tuple(self.RECIPE_KEYS[k] for k in settings) + (("sweep",) if sweep else ())
+
+    def params(self, options) -> dict:
+        return {k: getattr(options, self.RECIPE_KEYS[k]) for k in self.settings}
+
+    def check(self, options, prefix: str = "baselines.") -> None:
+        resolve_params(self.method, **self.params(options), names={k: prefix + v for k, v in self.RECIPE_KEYS.items()})
+
+    def build(self, run) -> dict:
+        from bts.data.streams import eval_windows
+        from bts.eval.heldout import heldout_loss
+        from bts.train import distributed
+
+        seed, experts = run_members(run)
+        params = self.params(run.recipe.baselines)
+        chosen = {}
+        if run.recipe.baselines.sweep and self.sweep:
+            key, grid = self.sweep
+            windows = {d: eval_windows(run.stream(d, "val"), run.recipe.data.seq_len, 8192) for d in run.domains}
+            scores = {}
+            for value in grid:
+                model = merge_models(seed, experts, self.method, **{**params, key: value})
+                scores[value] = sum(heldout_loss(model, w) for w in windows.values()) / len(windows)
+            best = min(scores, key=scores.get)
+            params[key] = best
+            chosen = {"sweep": {key: {str(v): round(s, 4) for v, s in scores.items()}}, "selected_on": "val"}
+        model = merge_models(seed, experts, self.method, **params)
+        if distributed.is_main():  # under torchrun every rank builds it; rank 0 writes it
+            save_merged(model, seed, run.path("models", self.name), force=True)
+        return {"params": params, **chosen}
+
+    def load(self, path, info: dict):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        n = sum(p.numel() for p in model.parameters())
+        record = Path(path) / "bts_merge.json"  # what save_merged wrote: the settings used
+        merge = {k: v for k, v in json.loads(record.read_text()).items() if k != "members"} if record.exists() else None
+        return model, {"trainable_params": 0, "total_params": n, "active_params": n,
+                       **({"merge": merge} if merge is not None else {})}
+
+
+LAMBDAS = (0.25, 0.5, 1.0)
+BASELINES = (
+    MergeBaseline("soup", "soup"),
+    MergeBaseline("task_arithmetic", "task_arithmetic", ("lam",), sweep=("lam", LAMBDAS)),
+    MergeBaseline("ties", "ties", ("density",), sweep=("density", (0.2, 0.5, 0.8))),
+    MergeBaseline("dare", "dare_ties", ("drop_rate", "lam"), sweep=("lam", LAMBDAS)),
+)

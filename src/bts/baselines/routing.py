@@ -15,24 +15,25 @@ loop as `loss_fn=routing_loss_fn` (bts.train.loop; set warmup=0 and min_lr_ratio
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from bts.atomic import atomic_save_safetensors
-from bts.baselines.btm import (as_batch, load_member_set, member_manifest, positions_from_mask, reload_members,
-                               save_member_manifest, token_logprobs)
-from bts.core.config import CompositeConfig
+from bts.baselines.base import Baseline, accounting, positive, run_members, train_on_stitch_mix
+from bts.baselines.composite import (CompositeModel, MemberSetConfig, as_batch, positions_from_mask,
+                                     token_logprobs)
+from bts.core.members import load_member_set
 from bts.errors import BTSError
-from bts.core.members import freeze
 
 ROUTER_WEIGHTS = "router.safetensors"
 PREFIX_RANGE = (32, 256)  # t ~ U[32, 256] during training [R]
+ROUTE_PREFIX = 32  # tokens the `routing` baseline routes on when scoring: the "prompt" of each window
 
 
 class SequenceRouter(nn.Module):
@@ -157,64 +158,41 @@ def _check_members(members) -> list[nn.Module]:
 
 # ---- the routed model ---------------------------------------------------------------------------------------------
 @strict
-class RoutedConfig(CompositeConfig):
+class RoutedConfig(MemberSetConfig):
     model_type = "bts_routed"
-
-    num_members: int = 1
-
-    def fill_defaults(self) -> None:
-        if self.members is not None:
-            self.num_members = len(self.members)
 
     def cache_copies(self) -> int:
         return 1  # one member runs per sequence
 
 
-class RoutedModel(PreTrainedModel, GenerationMixin):
+class RoutedModel(CompositeModel):
     """Frozen members and a trainable `SequenceRouter`; each sequence is handled by its router-chosen member."""
 
     config_class = RoutedConfig
     base_model_prefix = "routed"
-    main_input_name = "input_ids"
-    _supports_sdpa = True
+    kind = "routed model"
+    weights_file = ROUTER_WEIGHTS
 
     def __init__(self, config: RoutedConfig, members: list[nn.Module] | None = None):
         super().__init__(config)
-        self.loss_type = "ForCausalLM"  # HF derives it from the class name, which lacks 'ForCausalLM'
         self.router = SequenceRouter(config.base_config.hidden_size, config.num_members)
-        self.post_init()  # before the members are attached: HF's weight init must never touch loaded members
-        if members is None:
-            members = [AutoModelForCausalLM.from_config(config.base_config) for _ in range(config.num_members)]
-        if len(members) != config.num_members:
-            raise BTSError(f"members: {len(members)} models given but the config lists {config.num_members}.")
-        self.members = nn.ModuleList(freeze(m) for m in members)
+        self.attach_members(members)
 
     @classmethod
     def from_members(cls, members, *, names: list[str] | None = None, router: SequenceRouter | None = None,
                      dtype: torch.dtype | None = None) -> "RoutedModel":
         loaded = load_member_set(members, names, dtype)
-        base = loaded[0].model.config
-        config = RoutedConfig(base_config=base.to_dict(), members=member_manifest(loaded),
-                              bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
-                              pad_token_id=base.pad_token_id)
-        config._attn_implementation = base._attn_implementation
-        model = cls(config, members=[m.model for m in loaded])
+        model = cls(cls.config_for(loaded), members=[m.model for m in loaded])
         if router is not None:
             if router.proj.weight.shape != model.router.proj.weight.shape:
                 raise BTSError(f"router: shape {tuple(router.proj.weight.shape)} does not fit "
-                               f"{len(loaded)} members of width {base.hidden_size}.")
+                               f"{len(loaded)} members of width {model.config.hidden_size}.")
             model.router.load_state_dict(router.state_dict())
         return model
 
     def _init_weights(self, module):
         if isinstance(module, SequenceRouter):
             module.proj.reset_parameters()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for member in self.members:
-            member.eval()
-        return self
 
     def param_counts(self) -> dict:
         """total: every member + the router; active: one member + the router; trainable: the router (d·m + m)."""
@@ -284,41 +262,66 @@ class RoutedModel(PreTrainedModel, GenerationMixin):
             result[rows, :, : out.shape[-1]] = out
         return result.view(-1, width)
 
-    # ---- saving and loading -------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, export_members: bool = False, **_ignored):
-        """Write the router weights, the config and a manifest of the members (copied only if in memory or with
-        export_members=True)."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        config = self.config.__class__.from_dict(self.config.to_dict())
-        config.members = save_member_manifest(self.config.members, list(self.members), out, export_members)
-        config.architectures = [type(self).__name__]
+    # ---- saving and loading: bts.baselines.composite; the router's weights go into ROUTER_WEIGHTS --------------------
+    def _save_own(self, out, config: RoutedConfig) -> None:
         atomic_save_safetensors(out / ROUTER_WEIGHTS, self.router.state_dict(), metadata={"format": "pt"})
-        config.save_pretrained(out)
-        if self.generation_config is not None:
-            self.generation_config.save_pretrained(out)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
-        folder = Path(pretrained_model_name_or_path)
-        if not (folder / "config.json").exists() or not (folder / ROUTER_WEIGHTS).exists():
-            raise BTSError(f"'{folder}' is not a saved routed model (config.json or {ROUTER_WEIGHTS} is missing).")
-        config = config if isinstance(config, RoutedConfig) else RoutedConfig.from_pretrained(folder)
-        models = reload_members(config.members, folder, dtype)
-        config._attn_implementation = models[0].config._attn_implementation
-        model = cls(config, members=models)
+    def _load_own(self, folder) -> None:
         from safetensors.torch import load_file
 
         try:
-            model.router.load_state_dict(load_file(folder / ROUTER_WEIGHTS))
+            self.router.load_state_dict(load_file(folder / ROUTER_WEIGHTS))
         except Exception as exc:
             raise BTSError(f"'{folder / ROUTER_WEIGHTS}' does not hold this model's router ({exc}).") from None
-        if (folder / "generation_config.json").exists():
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(folder)
-        return model.eval()
 
 
 AutoConfig.register("bts_routed", RoutedConfig)
 AutoModelForCausalLM.register(RoutedConfig, RoutedModel)
+
+
+# ---- the `routing` baseline ---------------------------------------------------------------------------------------
+class _RouteOnPrefix(torch.nn.Module):
+    """Scores a window with the member the router picks from the window's first tokens only (no peeking at the
+    tokens being predicted)."""
+
+    def __init__(self, routed):
+        super().__init__()
+        self.routed = routed
+
+    def forward(self, input_ids, **kwargs):
+        choice = self.routed.choose(input_ids[:, :ROUTE_PREFIX])
+        return self.routed(input_ids=input_ids, choice=choice, **kwargs)
+
+
+class RoutingBaseline(Baseline):
+    """`routing`: the router trained on the stitch datamix for the stitch's steps and batch size at the paper's
+    constant learning rate (baselines.routing_lr); scores each window with the member chosen on its first
+    ROUTE_PREFIX tokens."""
+
+    options = ("routing_lr",)
+    trained = True
+
+    def check(self, options, prefix: str = "baselines.") -> None:
+        positive(options.routing_lr, f"{prefix}routing_lr")
+
+    def budget(self, recipe):
+        return dataclasses.replace(recipe.stitch.train, lr=recipe.baselines.routing_lr, warmup=0, min_lr_ratio=1.0)
+
+    def build(self, run) -> dict:
+        from bts.train import distributed
+
+        seed, experts = run_members(run)
+        model = RoutedModel.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains])
+        trainable = {f"router.{k}": p for k, p in model.router.named_parameters()}
+        result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe),
+                                     loss_fn=routing_loss_fn)
+        if distributed.is_main():
+            model.save_pretrained(run.path("models", self.name))
+        return result
+
+    def load(self, path, info: dict):
+        model = RoutedModel.from_pretrained(path).eval()
+        return _RouteOnPrefix(model), accounting(model.param_counts())
+
+
+BASELINES = (RoutingBaseline("routing"),)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from bts.errors import BTSError
 
 CHECKED_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")  # what fingerprints a tokenizer
+# Written with a model so that it reads and writes its members' tokens: the above and their side files.
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                        "chat_template.json")
 
 
 @dataclass
@@ -149,3 +153,95 @@ def freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+# ---- several members: loading, the manifest a saved model keeps, reloading ---------------------------------------
+def load_member_set(members, names: list | None = None, dtype: torch.dtype | None = None, *,
+                    hub_role: str = "seed") -> list[Member]:
+    """Load and check the members, hub (seed) first, then experts: dirs, cached hub ids or loaded *ForCausalLM
+    models. `names`: one per member, None for the default (the hub: `hub_role`; an expert: its folder's name, or
+    expert<i> for a model given in memory). Errors name them by role ("hub" / "seed", "expert <i>")."""
+    members = list(members) if isinstance(members, (list, tuple)) else [members]
+    if not members:
+        raise BTSError("members: at least one member (the seed) is needed (got none).")
+    if names is not None and len(names) != len(members):
+        raise BTSError(f"names: {len(names)} names given for {len(members)} members.")
+    loaded = []
+    for i, spec in enumerate(members):
+        model, path = load_causal_lm(spec, hub_role if i == 0 else f"expert {i}", dtype)
+        default = hub_role if i == 0 else f"expert{i}" if isinstance(spec, nn.Module) else Path(str(spec)).name
+        loaded.append(Member(names[i] if names and names[i] is not None else default, model, path))
+    if len(loaded) > 1:
+        check_compatible(loaded[0], loaded[1:])
+    return loaded
+
+
+def member_manifest(members: list[Member]) -> list[dict]:
+    """What a composite model's config records of each member: name, where it was loaded from, weights hash."""
+    return [{"name": m.name, "path": m.path, "sha256": weights_sha256(m.path) if m.path else None} for m in members]
+
+
+def save_member_manifest(manifest: list[dict], models: list[nn.Module], out: Path, export_members: bool) -> list:
+    """The manifest to write into `out`. Members that only exist in memory (or all, with export_members) are
+    written under out/members/<name> and referenced relatively, so the folder is self-contained; a member that
+    already lies inside `out` is referenced relatively too, so the folder stays relocatable. An export is checked
+    before anything is written: it must carry the weights the model was built against."""
+    if export_members:
+        for spec in manifest:
+            if spec["path"] and (not Path(spec["path"]).is_dir()
+                                 or (spec.get("sha256") and weights_sha256(spec["path"]) != spec["sha256"])):
+                raise BTSError(f"member '{spec['name']}' at '{spec['path']}' is missing or has changed since it "
+                               "was loaded, so it cannot be exported.")
+    written = []
+    for spec, model in zip(manifest, models):
+        spec = dict(spec)
+        if export_members or not spec["path"]:
+            target = out / "members" / spec["name"]
+            if spec["path"] and Path(spec["path"]).resolve() != target.resolve():
+                copy_model_dir(Path(spec["path"]), target)
+            elif not spec["path"]:
+                model.save_pretrained(target)
+            spec["path"] = f"members/{spec['name']}"
+            spec["sha256"] = weights_sha256(target)
+        elif Path(spec["path"]).resolve().is_relative_to(out.resolve()):
+            spec["path"] = Path(spec["path"]).resolve().relative_to(out.resolve()).as_posix()
+        written.append(spec)
+    return written
+
+
+def reload_members(config, folder: Path, dtype: torch.dtype | None = None) -> list[nn.Module]:
+    """Load the members a saved model's config lists (paths relative to `folder` or absolute), refusing any whose
+    weights changed since it was saved. config.members then records where each member really is (absolute), so a
+    later save elsewhere does not point at a relative path."""
+    models, resolved = [], []
+    for spec in config.members:
+        path = Path(spec["path"])
+        path = path if path.is_absolute() else folder / path
+        resolved.append({**spec, "path": str(path.resolve())})
+        if not path.is_dir():
+            raise BTSError(f"member '{spec['name']}' was saved from '{path}', which no longer exists.")
+        found = weights_sha256(path)
+        if spec.get("sha256") and found != spec["sha256"]:
+            raise BTSError(f"member '{spec['name']}' at '{path}' has changed since the model was saved "
+                           f"(weights sha256 {found[:12]}… != recorded {spec['sha256'][:12]}…).")
+        models.append(load_causal_lm(str(path), f"member '{spec['name']}'", dtype)[0])
+    config.members = resolved
+    return models
+
+
+def copy_model_dir(src: Path, dst: Path) -> None:
+    """Copy a model folder's files (not its subfolders) into `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+def copy_tokenizer(src_dir, out: Path) -> None:
+    """Ship a member's tokenizer files with a model written to `out` (files already in `out` are kept)."""
+    if not src_dir or Path(src_dir).resolve() == Path(out).resolve():
+        return
+    for name in (*TOKENIZER_FILES, *TOKENIZER_SIDE_FILES):
+        src = Path(src_dir) / name
+        if src.is_file() and not (Path(out) / name).exists():
+            shutil.copy2(src, Path(out) / name)

@@ -17,7 +17,6 @@ projections, gate rows and KV cache are skipped, and E→H gates renormalise ove
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,7 +27,8 @@ from bts.core import batched, hf
 from bts.atomic import atomic_save_safetensors, atomic_write_json
 from bts.core.config import BTSConfig
 from bts.errors import BTSError
-from bts.core.members import TOKENIZER_FILES, Member, check_compatible, freeze, load_causal_lm, weights_sha256
+from bts.core.members import (copy_tokenizer, freeze, load_member_set, member_manifest, reload_members,
+                              save_member_manifest)
 from bts.core.stitch import E2H, StitchLayer, check_stitch_options, stitch_kinds, stitch_positions
 from bts.core.runners import BatchedRunner, Checkpointed, LoopRunner, MemberRunner
 
@@ -104,13 +104,9 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         if names is not None and len(names) != len(experts):
             raise BTSError(f"names: {len(names)} names given for {len(experts)} experts.")
         check_stitch_options(init=init, expert_stream=expert_stream, beta=beta, gate_dropout=gate_dropout)
-        hub_model, hub_dir = load_causal_lm(hub, "hub", dtype)
-        members = [Member(hub_name, hub_model, hub_dir)]
-        for i, spec in enumerate(experts):
-            default = Path(str(spec)).name if not isinstance(spec, nn.Module) else f"expert{i + 1}"
-            model, path = load_causal_lm(spec, f"expert {i + 1}", dtype)
-            members.append(Member(names[i] if names else default, model, path))
-        check_compatible(members[0], members[1:])
+        members = load_member_set([hub, *experts], [hub_name, *(names or [None] * len(experts))], dtype,
+                                  hub_role="hub")
+        hub_model = members[0].model
         base = hub_model.config
         num_layers = base.num_hidden_layers
         if positions is None:
@@ -124,8 +120,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             base_config=base.to_dict(), num_experts=len(experts), expert_names=[m.name for m in members[1:]],
             stitch_positions=positions, stitch_kinds=stitch_kinds(len(positions), all_e2h), stitch_init=init,
             stitch_beta=beta, gate_dropout=gate_dropout, expert_stream=expert_stream,
-            members=[{"name": m.name, "path": m.path, "sha256": weights_sha256(m.path) if m.path else None}
-                     for m in members],
+            members=member_manifest(members),
             bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id,
         )
         config._attn_implementation = hub_model.config._attn_implementation
@@ -285,37 +280,17 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         """Write the stitch weights and a manifest of the members. Members are referenced by path and hash;
         with export_members=True (or for members that only exist in memory) they are copied into the folder so
         that it is self-contained."""
-        if export_members:  # check before writing anything: an export must carry the weights trained against
-            for spec in self.config.members:
-                if spec["path"] and (not Path(spec["path"]).is_dir()
-                                     or (spec.get("sha256") and weights_sha256(spec["path"]) != spec["sha256"])):
-                    raise BTSError(f"member '{spec['name']}' at '{spec['path']}' is missing or has changed since it "
-                                   "was loaded, so it cannot be exported.")
         out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        member_models = [self.hub, *self._expert_models]
-        manifest = []
-        for spec, model in zip(self.config.members, member_models):
-            spec = dict(spec)
-            if export_members or not spec["path"]:
-                target = out / "members" / spec["name"]
-                if spec["path"] and Path(spec["path"]).resolve() != target.resolve():
-                    _copy_model_dir(Path(spec["path"]), target)
-                elif not spec["path"]:
-                    model.save_pretrained(target)
-                spec["path"] = f"members/{spec['name']}"
-                spec["sha256"] = weights_sha256(target)
-            elif Path(spec["path"]).resolve().is_relative_to(out.resolve()):  # keep a saved folder relocatable
-                spec["path"] = Path(spec["path"]).resolve().relative_to(out.resolve()).as_posix()
-            manifest.append(spec)
         config = self.config.__class__.from_dict(self.config.to_dict())
-        config.members = manifest
+        config.members = save_member_manifest(self.config.members, [self.hub, *self._expert_models], out,
+                                              export_members)  # an export is checked before anything is written
+        out.mkdir(parents=True, exist_ok=True)
         config.architectures = [type(self).__name__]
         atomic_save_safetensors(out / STITCH_WEIGHTS, self.stitches.state_dict(), metadata={"format": "pt"})
         config.save_pretrained(out)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(out)
-        _copy_tokenizer(self.config.members[0]["path"], out)
+        copy_tokenizer(self.config.members[0]["path"], out)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
@@ -327,20 +302,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         if not (folder / STITCH_WEIGHTS).exists():
             raise BTSError(f"'{folder}' has no {STITCH_WEIGHTS}; it is not a saved bts model.")
         config = config if isinstance(config, BTSConfig) else BTSConfig.from_pretrained(folder)
-        models, resolved = [], []
-        for spec in config.members:
-            path = Path(spec["path"])
-            path = path if path.is_absolute() else folder / path
-            # Keep where the member really is, so a later save elsewhere does not point at a relative path.
-            resolved.append({**spec, "path": str(path.resolve())})
-            if not path.is_dir():
-                raise BTSError(f"member '{spec['name']}' was saved from '{path}', which no longer exists.")
-            found = weights_sha256(path)
-            if spec.get("sha256") and found != spec["sha256"]:
-                raise BTSError(f"member '{spec['name']}' at '{path}' has changed since the stitched model was saved "
-                               f"(weights sha256 {found[:12]}… != recorded {spec['sha256'][:12]}…).")
-            models.append(load_causal_lm(str(path), f"member '{spec['name']}'", dtype)[0])
-        config.members = resolved
+        models = reload_members(config, folder, dtype)
         config._attn_implementation = models[0].config._attn_implementation
         model = cls(config, hub=models[0], experts=models[1:])
         from safetensors.torch import load_file
@@ -364,26 +326,6 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.eval()
         return model
-
-
-TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-
-
-def _copy_tokenizer(hub_dir: str | None, out: Path) -> None:
-    """The stitched model reads and writes the hub's tokens: ship the hub's tokenizer with it, if it has one."""
-    if not hub_dir or Path(hub_dir).resolve() == out.resolve():
-        return
-    for name in (*TOKENIZER_FILES, *TOKENIZER_SIDE_FILES):
-        src = Path(hub_dir) / name
-        if src.is_file() and not (out / name).exists():
-            shutil.copy2(src, out / name)
-
-
-def _copy_model_dir(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file():
-            shutil.copy2(f, dst / f.name)
 
 
 AutoConfig.register("bts", BTSConfig)

@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from bts.errors import BTSError
+from bts.baselines.base import positive
 from bts.baselines.registry import REGISTRY
 from bts.core.stitch import check_stitch_options
+from bts.errors import BTSError
 from bts.train.config import TrainConfig
 
 
@@ -185,87 +186,33 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _check(recipe: Recipe) -> None:
-    def positive(value, where):
-        if not value > 0:  # also refuses nan
-            raise BTSError(f"{where} must be positive (got {value}).")
-        if value == float("inf"):
-            raise BTSError(f"{where} must be finite (got {value}).")
-
-    phases = {"seed_model.train": recipe.seed_model.train, "experts.train": recipe.experts.train,
-              "stitch.train": recipe.stitch.train}
-    for where, t in phases.items():
-        for name in ("steps", "lr", "batch_size", "grad_accum", "log_every", "ckpt_every"):
-            positive(getattr(t, name), f"{where}.{name}")
-        if t.warmup < 0:
-            raise BTSError(f"{where}.warmup must be ≥ 0 (got {t.warmup}).")
-        if not 0 <= t.min_lr_ratio <= 1:
-            raise BTSError(f"{where}.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio}).")
-        if t.batch_size % t.grad_accum:
-            raise BTSError(f"{where}.batch_size ({t.batch_size}) must be a multiple of grad_accum ({t.grad_accum}).")
-        if t.dtype not in ("float32", "bfloat16"):
-            raise BTSError(f"{where}.dtype must be float32 or bfloat16 (got '{t.dtype}').")
-    if not recipe.data.domains:
-        raise BTSError("data.domains is empty: a recipe needs at least one domain.")
-    # Names become folder names (data/<domain>, models/expert-<domain>, runs/<name>): nothing may climb out.
-    for where, value in [("name", recipe.name), *(("data.domains key", d) for d in recipe.data.domains)]:
-        if not SAFE_NAME.fullmatch(value):
-            raise BTSError(f"{where} '{value}' must be letters, digits, '_', '-' or '.' and not start with '.'.")
-    for name, spec in recipe.data.domains.items():
-        if spec.source not in ("builtin", "fixture", "files", "hf"):
-            raise BTSError(f"data.domains.{name}.source must be builtin, fixture, files or hf (got '{spec.source}').")
-        if spec.source == "files" and not spec.files:
-            raise BTSError(f"data.domains.{name}.files is empty but source is 'files'.")
-        if spec.source == "hf" and not spec.dataset:
-            raise BTSError(f"data.domains.{name}.dataset is empty but source is 'hf'.")
-    for d in recipe.experts.domains:
-        if d not in recipe.data.domains:
-            raise BTSError(f"experts.domains names '{d}', which is not in data.domains ({', '.join(recipe.data.domains)}).")
-    positive(recipe.data.seq_len, "data.seq_len")
-    fr = recipe.data.split_fractions
-    if len(fr) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in fr) or fr[0] <= 0 or fr[2] <= 0:
-        raise BTSError(f"data.split_fractions must be three non-negative numbers with train and held-out > 0 (got {fr}).")
+    """Every value of the recipe, once, in the order of the sections: one sentence naming the dotted key.
+    Types were checked by _build; what a lower layer already checks is asked of it (stitch options:
+    bts.core.stitch.check_stitch_options; baseline options: each baseline's check, bts.baselines.registry)."""
+    if not SAFE_NAME.fullmatch(recipe.name):  # names become folder names (runs/<name>): nothing may climb out
+        raise BTSError(f"name '{recipe.name}' must be letters, digits, '_', '-' or '.' and not start with '.'.")
+    _check_data(recipe.data)
     positive(recipe.tokenizer.vocab_size, "tokenizer.vocab_size")
-    s = recipe.stitch
-    if not 0 <= s.general_weight < 1:
-        raise BTSError(f"stitch.general_weight must be in [0, 1) (got {s.general_weight}).")
-    for d, w in s.domain_weights.items():
-        if d not in recipe.data.domains:
-            raise BTSError(f"stitch.domain_weights names '{d}', which is not in data.domains.")
-        if not isinstance(w, (int, float)) or w <= 0:
-            raise BTSError(f"stitch.domain_weights.{d} must be positive (got {w}).")
-    check_stitch_options(init=s.init, expert_stream=s.expert_stream, beta=s.beta, gate_dropout=s.gate_dropout,
-                         prefix="stitch.")
-    positive(s.num_stitches, "stitch.num_stitches")
-    if not recipe.seed_model.path:  # the layer count is known now: refuse a bad layout before any training
-        layers = recipe.seed_model.num_layers
-        if s.positions and (any(not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= layers
-                                for p in s.positions) or s.positions != sorted(set(s.positions))):
-            raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} "
-                           f"(seed_model.num_layers) (got {s.positions}).")
-        if not s.positions and s.num_stitches > layers:
-            raise BTSError(f"stitch.num_stitches must be at most seed_model.num_layers={layers} "
-                           f"(got {s.num_stitches}).")
+    positive(recipe.tokenizer.train_chars, "tokenizer.train_chars")
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        positive(getattr(recipe.seed_model, name), f"seed_model.{name}")
+    seed = recipe.seed_model
+    if not seed.path and seed.hidden_size % seed.num_heads:
+        raise BTSError(f"seed_model.hidden_size ({seed.hidden_size}) must be a multiple of seed_model.num_heads "
+                       f"({seed.num_heads}).")
+    if not seed.path and seed.num_heads % seed.num_kv_heads:
+        raise BTSError(f"seed_model.num_heads ({seed.num_heads}) must be a multiple of seed_model.num_kv_heads "
+                       f"({seed.num_kv_heads}).")
+    for where, t in (("seed_model.train", seed.train), ("experts.train", recipe.experts.train),
+                     ("stitch.train", recipe.stitch.train)):
+        _check_train(t, where)
+    _known_once(recipe.experts.domains, recipe.data.domains, "experts.domains", "in data.domains")
+    _check_stitch(recipe)
     b = recipe.baselines
-    for m in b.methods:
-        if m not in REGISTRY:
-            raise BTSError(f"baselines.methods names '{m}', which is not a baseline ({', '.join(REGISTRY)}).")
-    for name in ("merge_lambda", "btx_lr", "routing_lr"):
-        positive(getattr(b, name), f"baselines.{name}")
-    if not 0 < b.ties_density <= 1:
-        raise BTSError(f"baselines.ties_density must be in (0, 1] (got {b.ties_density}).")
-    if not 0 <= b.dare_drop_rate < 1:
-        raise BTSError(f"baselines.dare_drop_rate must be in [0, 1) (got {b.dare_drop_rate}).")
-    if recipe.downstream.limit < 0 or recipe.downstream.fewshot < 0:
-        raise BTSError(f"downstream.limit and downstream.fewshot must be ≥ 0 (got {recipe.downstream.limit}, "
-                       f"{recipe.downstream.fewshot}).")
-    if recipe.downstream.tasks:
-        from bts.eval.downstream.tasks import TASKS
-
-        for t in recipe.downstream.tasks:
-            if t not in TASKS:
-                raise BTSError(f"downstream.tasks names '{t}', which is not a task ({', '.join(TASKS)}).")
-    if b.btx_trainable not in ("full", "router"):
-        raise BTSError(f"baselines.btx_trainable must be full or router (got '{b.btx_trainable}').")
+    _known_once(b.methods, REGISTRY, "baselines.methods", "a baseline")
+    for baseline in REGISTRY.values():  # every option, whether or not its method runs: each value checked at load
+        baseline.check(b, prefix="baselines.")
+    _check_downstream(recipe.downstream)
     m = recipe.modularity
     for name in ("add_fraction", "retrain_fraction"):
         if not 0 < getattr(m, name) <= 1:  # also refuses nan
@@ -275,6 +222,96 @@ def _check(recipe: Recipe) -> None:
     if m.enabled and len(recipe.expert_domains) < 2:
         raise BTSError(f"modularity.enabled needs at least 2 experts (experts.domains gives "
                        f"{recipe.expert_domains}).")
+
+
+def _known_once(values: list, known, where: str, what: str) -> None:
+    """Every value is one of `known`, and none is named twice."""
+    for v in values:
+        if v not in known:
+            raise BTSError(f"{where} names '{v}', which is not {what} ({', '.join(known)}).")
+        if values.count(v) > 1:
+            raise BTSError(f"{where} names '{v}' twice.")
+
+
+def _check_train(t: TrainConfig, where: str) -> None:
+    for name in ("steps", "lr", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+        positive(getattr(t, name), f"{where}.{name}")
+    for name in ("warmup", "weight_decay", "clip"):
+        if not 0 <= getattr(t, name) < float("inf"):  # also refuses nan
+            raise BTSError(f"{where}.{name} must be ≥ 0 (got {getattr(t, name)}).")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise BTSError(f"{where}.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio}).")
+    if t.batch_size % t.grad_accum:
+        raise BTSError(f"{where}.batch_size ({t.batch_size}) must be a multiple of grad_accum ({t.grad_accum}).")
+    if t.dtype not in ("float32", "bfloat16"):
+        raise BTSError(f"{where}.dtype must be float32 or bfloat16 (got '{t.dtype}').")
+
+
+def _check_data(data: DataConfig) -> None:
+    if not data.domains:
+        raise BTSError("data.domains is empty: a recipe needs at least one domain.")
+    for name, spec in data.domains.items():  # names become folder names (data/<domain>, models/expert-<domain>)
+        if not SAFE_NAME.fullmatch(name):
+            raise BTSError(f"data.domains key '{name}' must be letters, digits, '_', '-' or '.' and not start "
+                           "with '.'.")
+        where = f"data.domains.{name}"
+        if spec.source not in ("builtin", "fixture", "files", "hf"):
+            raise BTSError(f"{where}.source must be builtin, fixture, files or hf (got '{spec.source}').")
+        if spec.source == "files" and not spec.files:
+            raise BTSError(f"{where}.files is empty but source is 'files'.")
+        for f in spec.files:
+            if not isinstance(f, str) or not f:
+                raise BTSError(f"{where}.files must list paths or globs (got {f!r}).")
+        if spec.source == "hf" and not spec.dataset:
+            raise BTSError(f"{where}.dataset is empty but source is 'hf'.")
+        if spec.source == "hf" and not spec.split:
+            raise BTSError(f"{where}.split is empty but source is 'hf'.")
+        if spec.source in ("files", "hf") and not spec.text_field:
+            raise BTSError(f"{where}.text_field is empty but source is '{spec.source}'.")
+        if spec.max_chars < 0:
+            raise BTSError(f"{where}.max_chars must be ≥ 0 (0 = all) (got {spec.max_chars}).")
+    positive(data.seq_len, "data.seq_len")
+    fr = data.split_fractions
+    if (len(fr) != 3 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 for x in fr)
+            or fr[0] <= 0 or fr[2] <= 0 or abs(sum(fr) - 1) > 1e-6):
+        raise BTSError(f"data.split_fractions must be three non-negative numbers summing to 1, with train and "
+                       f"held-out > 0 (got {fr}).")
+    if data.eval_tokens < 0:
+        raise BTSError(f"data.eval_tokens must be ≥ 0 (0 = all) (got {data.eval_tokens}).")
+
+
+def _check_stitch(recipe: Recipe) -> None:
+    s = recipe.stitch
+    check_stitch_options(init=s.init, expert_stream=s.expert_stream, beta=s.beta, gate_dropout=s.gate_dropout,
+                         prefix="stitch.")
+    positive(s.num_stitches, "stitch.num_stitches")
+    if any(not isinstance(p, int) or isinstance(p, bool) for p in s.positions):
+        raise BTSError(f"stitch.positions must be block numbers (got {s.positions}).")
+    if not recipe.seed_model.path:  # the layer count is known now: refuse a bad layout before any training
+        layers = recipe.seed_model.num_layers
+        if s.positions and (any(not 1 <= p <= layers for p in s.positions) or s.positions != sorted(set(s.positions))):
+            raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} "
+                           f"(seed_model.num_layers) (got {s.positions}).")
+        if not s.positions and s.num_stitches > layers:
+            raise BTSError(f"stitch.num_stitches must be at most seed_model.num_layers={layers} "
+                           f"(got {s.num_stitches}).")
+    if not 0 <= s.general_weight < 1:
+        raise BTSError(f"stitch.general_weight must be in [0, 1) (got {s.general_weight}).")
+    for d, w in s.domain_weights.items():
+        if d not in recipe.data.domains:
+            raise BTSError(f"stitch.domain_weights names '{d}', which is not in data.domains.")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
+            raise BTSError(f"stitch.domain_weights.{d} must be positive (got {w}).")
+
+
+def _check_downstream(ds: DownstreamConfig) -> None:
+    for name in ("limit", "fewshot"):
+        if getattr(ds, name) < 0:
+            raise BTSError(f"downstream.{name} must be ≥ 0 (got {getattr(ds, name)}).")
+    if ds.tasks:
+        from bts.eval.downstream.tasks import TASKS
+
+        _known_once(ds.tasks, TASKS, "downstream.tasks", "a task")
 
 
 def _apply_override(raw: dict, item: str) -> None:
