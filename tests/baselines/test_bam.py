@@ -313,7 +313,7 @@ def test_from_config_alone_inits_identity_adapters_and_counts_match(arch):
 
 
 def test_table2_numbers():
-    """The BTS paper's 2.7B seed (method.md §8, §4): L=20, d=3072, SwiGLU 8192, 24 heads, 1 KV head, vocab 128256,
+    """The BTS paper's 2.7B seed (docs/method.md §4): L=20, d=3072, SwiGLU 8192, 24 heads, 1 KV head, vocab 128256,
     untied; seed + 3 experts = 4 members."""
     paper = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=20, num_heads=24,
                  num_kv_heads=1, members=4)

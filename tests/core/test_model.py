@@ -1,4 +1,4 @@
-"""Invariants of the stitched model (method.md §2-§7): starts as the hub, trains only the stitches, stays causal,
+"""Invariants of the stitched model (docs/method.md §2-§7): starts as the hub, trains only the stitches, stays causal,
 generates like a hand-written greedy loop, and round-trips through save/load with its members checked."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from bts.core.plan import GIB, make_plan
 
 @pytest.fixture(scope="module")
 def paper_seed(tmp_path_factory):
-    """The paper's 2.7B seed as method.md §4 reconciles it: Llama, L=20, d=3072, SwiGLU 8192, 24 heads, 1 KV
+    """The paper's 2.7B seed as docs/method.md §4 reconciles it: Llama, L=20, d=3072, SwiGLU 8192, 24 heads, 1 KV
     head, vocab 128256, untied embeddings. Only config.json is written."""
     path = tmp_path_factory.mktemp("paper")
     LlamaConfig(vocab_size=128256, hidden_size=3072, num_hidden_layers=20, intermediate_size=8192,
@@ -30,7 +30,7 @@ def test_paper_numbers(paper_seed):
     # As built, the blend vectors add d per E→H and n·d per H→E layer on top of the paper's count.
     assert plan["stitch_params"] - plan["stitch_params_paper"] == 2 * 3072 + 2 * 3 * 3072
     assert stitch.trainable == plan["stitch_params"] and infer.trainable == 0
-    # method.md §4: ≈16.5 GFLOPs/token for BTS against 4.6 for the seed, ≈0.5 of it in the stitch layers.
+    # docs/method.md §4: ≈16.5 GFLOPs/token for BTS against 4.6 for the seed, ≈0.5 of it in the stitch layers.
     assert seed.flops_members / 1e9 == pytest.approx(4.6, abs=0.05)
     assert (stitch.flops_members + stitch.flops_stitch) / 1e9 == pytest.approx(16.5, abs=0.1)
     assert stitch.flops_stitch == 2 * 264_241_152

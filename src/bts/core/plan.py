@@ -57,7 +57,7 @@ class Arch:
         return 2 * (self.layers * self.layer_matmul + self.head)
 
 
-# Shapes shipped with bts, usable by name: `bts plan paper-2.7b --experts 3` (the paper's seed as method.md
+# Shapes shipped with bts, usable by name: `bts plan paper-2.7b --experts 3` (the seed docs/method.md §4
 # reconciles it) and `bts plan llama-3.1-8b …` (Llama-3.1-8B's published shape). Configs only, no weights.
 SHIPPED_CONFIGS = Path(__file__).parent.parent / "configs"
 
