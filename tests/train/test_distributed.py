@@ -194,7 +194,7 @@ def _same(a, b, tolerance):
     assert tensors_a.keys() == tensors_b.keys()
     for k in tensors_a:
         assert tensors_a[k].dtype == tensors_b[k].dtype, k  # nothing was cast on the way
-        torch.testing.assert_close(tensors_a[k], tensors_b[k], atol=atol, rtol=0, msg=k)
+        torch.testing.assert_close(tensors_a[k], tensors_b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---- the tests -----------------------------------------------------------------------------------------------
