@@ -9,15 +9,12 @@ in float32 the trajectories drift apart by amounts that depend on the CPU's kern
 near-cancelling gradient into an update error: 1.44e-5 on a 2-core EPYC). Every model is therefore built in
 float64, where the same drift is ~1e-14, and compared at 1e-9 — far below what the property under test produces
 when broken (measured: per-rank load-balancing means put BTX's parameters 5e-2 apart, unaveraged DDP gradients put
-losses 2e-2 apart, per-rank prefix lengths put the router's weights 6e-4 apart). Two things are not float64 and get
-a tolerance derived from their own precision instead:
-  - the loss values: transformers computes the causal-LM loss in float32 (it casts the logits with .float()), a
-    mean over the micro-batch's tokens, so two summation orders differ by at most n·eps32·loss;
-  - a phase whose trainable modules still compute in float32 although the model is float64 (a float32 island:
-    found by `float32_islands`, listed in ISLANDS): Adam turns the island's rounding into update errors that scale
-    with the update (all-float32 on the 2-core EPYC: 1.44e-5 of a 3.1e-2 update), so its parameters are compared
-    at ISLAND_RTOL of the largest update: 20x that, 100x below the broken property. When the model code stops
-    casting, the phase's entry in ISLANDS fails (strict xfail) and the phase is held to 1e-9 by itself.
+losses 2e-2 apart, per-rank prefix lengths put the router's weights 6e-4 apart). Stitch layers and BTX routers
+follow the members' precision (at least fp32; fp64 here), and `test_phase_runs_in_float64_end_to_end` checks that
+no trainable module computes in float32 inside these models. One quantity is not float64 and gets a tolerance
+derived from its own precision: the loss values — transformers computes the causal-LM loss in float32 (it casts
+the logits with .float()), a mean over the micro-batch's tokens, so two summation orders differ by at most
+n·eps32·loss.
 """
 
 import functools
@@ -38,12 +35,8 @@ from bts.train.config import TrainConfig
 from bts.train.loop import train
 
 DTYPE = torch.float64
-ATOL = 1e-9  # parameters of a phase that runs in float64 end to end (measured: <= 2e-14)
-ISLAND_RTOL = 1e-2  # a float32 island: a fraction of the largest update (measured: <= 4.6e-4 of it)
+ATOL = 1e-9  # parameters, every phase float64 end to end (measured: <= 2e-14)
 MICRO_TOKENS = 2 * 40  # tokens in one micro-batch (batch 4 / grad_accum 2, seq_len 40): the float32 loss mean's n
-# Phases whose trainable modules compute in float32 inside a float64 model, and where the cast is.
-ISLANDS = {"stitched": "bts.core: stitch layers are kept in float32 and fed float32 streams",
-           "btx": "bts.baselines.btx.BTXRouter: router probabilities in float32 (logits.float())"}
 
 
 # ---- the phases: (model, trainable, train kwargs), built identically in every process -------------------------
@@ -182,10 +175,8 @@ def tolerances(references):
     """phase -> (loss atol, parameter atol), derived from the precision each quantity is computed in."""
     out = {}
     for phase, (losses, tensors) in references.items():
-        start = PHASES[phase]()[1]
-        update = max((tensors[k] - start[k].detach()).abs().max().item() for k in tensors)
         loss_tol = MICRO_TOKENS * torch.finfo(torch.float32).eps * max(abs(x) for x in losses)
-        out[phase] = loss_tol, ATOL if not float32_islands(phase) else ISLAND_RTOL * update
+        out[phase] = loss_tol, ATOL
     return out
 
 
@@ -216,10 +207,10 @@ def test_checkpoints_move_between_process_counts(two_process, references, tolera
     _same(resumed, references[phase], tolerances[phase])
 
 
-@pytest.mark.parametrize("phase", [pytest.param(p, marks=pytest.mark.xfail(p in ISLANDS, reason=ISLANDS.get(p, ""),
-                                                                          strict=True)) for p in PHASES])
+@pytest.mark.parametrize("phase", PHASES)
 def test_phase_runs_in_float64_end_to_end(phase):
-    """The float64 models really compute their trainable modules in float64; the ISLANDS entries say where not."""
+    """The float64 models really compute their trainable modules in float64 (a float32 island would bring back
+    CPU-dependent rounding at the comparison's scale)."""
     assert float32_islands(phase) == set()
 
 

@@ -87,9 +87,10 @@ class BTXRouter(MixtralTopKRouter):
     def forward(self, hidden_states):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         logits = F.linear(hidden_states, self.weight)
-        probs = logits.float().softmax(dim=-1)
+        scores = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 routing (fp64 in fp64 models)
+        probs = scores.softmax(dim=-1)
         if self.training and self.routing == "sampled_top1" and self.top_k == 1:
-            sample = F.gumbel_softmax(logits.float(), tau=gumbel_temperature(self.step), hard=False)
+            sample = F.gumbel_softmax(scores, tau=gumbel_temperature(self.step), hard=False)
             weights, index = sample.max(dim=-1, keepdim=True)  # only the sampled expert runs, scaled by its y
         else:
             weights, index = torch.topk(probs, self.top_k, dim=-1)

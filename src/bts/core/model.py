@@ -30,7 +30,7 @@ from bts.errors import BTSError
 from bts.core.members import (copy_tokenizer, freeze, load_member_set, member_manifest, reload_members,
                               save_member_manifest)
 from bts.core.stitch import E2H, StitchLayer, check_stitch_options, stitch_kinds, stitch_positions
-from bts.core.runners import BatchedRunner, Checkpointed, LoopRunner, MemberRunner
+from bts.core.runners import BatchedRunner, Checkpointed, LoopRunner, MemberRunner, at_least_fp32
 
 STITCH_WEIGHTS = "stitch.safetensors"
 EXECUTIONS = ("auto", "loop", "batched")
@@ -72,7 +72,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         self._execution = "auto"  # execution paths: see set_execution
         self._checkpoint = False
         self._stacks = batched.StackCache()  # the batched path's stacked blocks, kept between forwards
-        self.stitches.float()
+        self._stitch_precision()
 
     def _claim_cache_slots(self) -> None:
         # Frozen members can be shared between models (bts.pipeline.modularity builds models from another's members), and a
@@ -80,15 +80,21 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         for m, expert in enumerate(self.experts):
             hf.assign_cache_slots(expert, (m + 1) * self.config.base_config.num_hidden_layers)
 
+    def _stitch_precision(self) -> None:
+        """Stitch parameters are master weights: fp32 for fp32 and bf16 members, fp64 for fp64 members (so a
+        float64 model is float64 end to end, as the hardware-independent tests need)."""
+        member = next(self.hub.parameters()).dtype
+        self.stitches.to(torch.promote_types(member, torch.float32))
+
     def to(self, *args, **kwargs):
-        """Moves devices freely but keeps stitch parameters in fp32 and members in their own dtype."""
+        """Moves devices freely but keeps stitch parameters at least fp32 and members in their own dtype."""
         dtype = kwargs.pop("dtype", None) or next((a for a in args if isinstance(a, torch.dtype)), None)
         args = tuple(a for a in args if not isinstance(a, torch.dtype))
         super().to(*args, **kwargs)
         if dtype is not None:
             for member in self.members():
                 member.to(dtype)
-        self.stitches.float()
+        self._stitch_precision()
         return self
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -214,7 +220,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             if stitch is not None:
                 if return_gates:  # from the hub stream the stitch is about to read
                     fn = stitch.mixing_weights if return_gates == "effective" else stitch.gate_values
-                    gates.append(fn(runner.hub_stream(states).float(), active=self._active).detach())
+                    gates.append(fn(at_least_fp32(runner.hub_stream(states)), active=self._active).detach())
                 states = runner.stitch(stitch, states)
         hidden = hub.norm(runner.hub_stream(states))
         if logits_to_keep:
@@ -318,7 +324,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         if missing or unexpected:
             raise BTSError(f"'{folder / STITCH_WEIGHTS}' does not match the config "
                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}).")
-        model.stitches.float()
+        model._stitch_precision()
         gen = folder / "generation_config.json"
         if gen.exists():
             from transformers import GenerationConfig

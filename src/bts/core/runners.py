@@ -62,7 +62,7 @@ class MemberRunner:
         """The stitch layer on the streams, in fp32; the streams go back to the members' dtype."""
         dtype = states[0].dtype
         experts = self._experts(states)
-        hub, experts = states[0].float(), experts.float()
+        hub, experts = at_least_fp32(states[0]), at_least_fp32(experts)
         hub, experts = call(stitch, hub, experts, active=self.active)
         return self._join(hub, experts, dtype)
 
@@ -154,3 +154,8 @@ class Checkpointed(MemberRunner):
 
     def hub_stream(self, states):
         return self.inner.hub_stream(states)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Stitch math runs in fp32 for fp32 and bf16 members, in fp64 for fp64 ones (like the stitch weights)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
