@@ -4,31 +4,48 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from bts.eval.downstream.tasks import FIXTURES
 
 VOCAB = 97
 
 
+# Every family bts supports, as a tiny random config; each shows what makes its family different.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite")
+
+
 def tiny_config(arch: str = "llama", **overrides):
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    common.update(overrides)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "mistral":
-        return MistralConfig(sliding_window=None, **common)
-    if arch == "qwen2":
-        common.setdefault("tie_word_embeddings", True)
-        return Qwen2Config(**common)
-    raise ValueError(arch)
+    family = dict(
+        llama={},
+        mistral=dict(sliding_window=None),
+        qwen2=dict(tie_word_embeddings=True),  # biases on q/k/v
+        qwen3=dict(head_dim=8),  # q/k norms
+        gemma=dict(head_dim=8, num_key_value_heads=1),  # sqrt(d) embedding scale, (1 + w) RMSNorm, tied
+        gemma2=dict(head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=8),
+        gemma3_text=dict(head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
+                         layer_types=["sliding_attention", "full_attention"] * 2),
+        phi3=dict(),  # fused qkv_proj and gate_up_proj
+        olmo2=dict(),  # post-norms, q/k norms
+        granite=dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                     logits_scaling=4.0),
+    )
+    if arch not in family:
+        raise ValueError(arch)
+    config = {**common, **family[arch], **overrides}
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, **config)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="sdpa")
+    attention = "eager" if arch == "gemma2" else "sdpa"  # SDPA has no attention-logit softcapping
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation=attention)
     return model.eval()
 
 
