@@ -78,6 +78,12 @@ def test_report_and_run_directory(smoke_run):
     assert "gates" in stitch_metrics[-1] and stitch_metrics[-1]["tok_per_s"] > 0
     # The stitched model saved by the pipeline holds no member weights: only stitches and a manifest.
     assert not list(run.path("models/bts").glob("model*.safetensors"))
+    # What the report draws comes from files: the evaluate stage's gates, the trained phases' budgets.
+    gates = json.loads(run.path("eval/gates.json").read_text())
+    assert set(gates["per_domain"]) == set(run.domains) and len(gates["heatmap"]["mass"]) == 5
+    assert run.done("stitch")["budget"] == {"data": run.stitch_mix(), "steps": 20, "batch_size": 8, "seq_len": 64,
+                                            "lr": 0.002}
+    assert run.done("baseline:routing")["budget"]["steps"] == 20 and "budget" not in run.done("baseline:soup")
 
 
 def test_rerun_skips_finished_stages(smoke_run):
@@ -128,6 +134,20 @@ def test_a_changed_recipe_is_refused_in_an_existing_run_dir(smoke_run):
                            "stitch.train.steps=99"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "was made with stitch.train.steps=20, not 99" in proc.stderr
     assert run.path("recipe.yaml").read_text() == before
+
+
+def test_a_run_from_python_loads_models_quietly(smoke_run, capfd):
+    """transformers' per-load progress bars stay off while the pipeline runs, also without the `bts` command."""
+    run, results = smoke_run
+    run.path("eval", "seed.json").unlink()
+    run.path("stages", "evaluate.json").unlink()
+    run.path("stages", "downstream.json").unlink()  # evaluate rewrites results.json; downstream adds its section
+    capfd.readouterr()
+    again = Run(load_recipe("smoke"), run.root).all(["evaluate", "downstream"])
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "seed" in err and "downstream" in again
+    strip = {m: {k: v for k, v in e.items() if k != "eval_wall_s"} for m, e in results["methods"].items()}
+    assert {m: {k: v for k, v in e.items() if k != "eval_wall_s"} for m, e in again["methods"].items()} == strip
 
 
 # ---- the modularity stage (last: it adds to the shared smoke run) --------------------------------------------------
@@ -181,6 +201,8 @@ def test_modularity_stage_is_not_redone_and_its_tables_print(modularity_run):
 
 
 def test_modularity_stage_needs_the_stitched_model(tmp_path):
+    from bts.pipeline.stages import modularity
+
     run = Run(load_recipe("smoke", ["modularity.enabled=true"]), tmp_path)
     with pytest.raises(BTSError, match="needs the stitched model"):
-        run.modularity()
+        modularity(run)

@@ -211,26 +211,25 @@ def test_a_run_stored_by_an_older_bts_accepts_options_added_since(tmp_path):
     import yaml
 
     from bts.errors import BTSError
-    from bts.pipeline.run import Run
     from bts.pipeline.recipe import load_recipe
+    from bts.pipeline.rundir import RunDir
 
-    Run(load_recipe("smoke"), tmp_path).write_manifest()
+    RunDir(tmp_path).write_manifest(load_recipe("smoke"))
     stored = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     del stored["stitch"]["checkpoint_members"], stored["stitch"]["train"]["compile"]
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(stored))
-    Run(load_recipe("smoke"), tmp_path).write_manifest()
+    RunDir(tmp_path).write_manifest(load_recipe("smoke"))
     with pytest.raises(BTSError, match="stitch.train.steps"):
-        Run(load_recipe("smoke", ["stitch.train.steps=99"]), tmp_path).write_manifest()
+        RunDir(tmp_path).write_manifest(load_recipe("smoke", ["stitch.train.steps=99"]))
 
 
 def test_stale_lock_takeover_is_for_one_process_only(tmp_path):
     """Two runs may both find a crashed run's lock: the one that comes second must see the first's fresh lock
     (not break it), and a takeover in progress is respected."""
     from bts.errors import BTSError
-    from bts.pipeline.run import Run
-    from bts.pipeline.recipe import load_recipe
+    from bts.pipeline.rundir import RunDir
 
-    run = Run(load_recipe("smoke"), tmp_path)
+    run = RunDir(tmp_path)
     lock = tmp_path / "run.lock"
     lock.write_text(str(os.getpid()))  # the other process already took it over: it names a live process now
     with pytest.raises(BTSError, match=f"in use by process {os.getpid()}"):

@@ -1,6 +1,6 @@
-"""Modularity invariants: adding an expert changes nothing until trained (yet trains), removing one renormalises the
-gates and is usable at once, sparse inference is the full model at k = n and really skips experts at k < n, and the
-gates command writes its views."""
+"""Modularity: training only an added expert's slots moves nothing else, sparse inference is the full model at k = n
+and really skips experts at k < n, the modularity mix is the run's stitch mix (stitch.domain_weights included), and
+the gates, add-expert and remove-expert commands work. Adding and removing themselves: tests/core/test_surgery.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from helpers import open_stitches, random_ids, save_members, tiny_members
 
 import bts  # noqa: F401
 from bts import BTSError, BTSForCausalLM
-from bts.pipeline.modularity import _new_slot_masks, add_expert, remove_expert, train_stitches
+from bts.core.surgery import add_expert, new_slot_masks, remove_expert
+from bts.pipeline.modularity import train_stitches
 from bts.train.config import TrainConfig
 from bts.core.stitch import E2H
 
@@ -21,29 +22,12 @@ def _trained(n=3, init="blend", **kw):
     return open_stitches(BTSForCausalLM.from_members(hub, experts, names=names, init=init, **kw).eval()), experts
 
 
-# ---- add ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("init", ["blend", "bias", "default"])
-def test_add_expert_keeps_outputs_and_has_live_gradients(init):
-    model, experts = _trained(3, init=init)
-    small = remove_expert(model, "e2")  # a 2-expert model; e2 comes back as the new one
-    ids = random_ids()
-    with torch.no_grad():
-        ref = small(ids).logits
-    grown = add_expert(small, experts[2], name="new")
-    assert grown.config.expert_names == ["e0", "e1", "new"]
-    with torch.no_grad():
-        assert (grown(ids).logits - ref).abs().max() <= 1e-4
-    grown.train()
-    grown(ids, labels=ids).loss.backward()
-    e2h = [s for s in grown.stitches if s.kind == E2H]
-    assert all(s.presence.grad[3].abs().sum() > 0 for s in e2h)  # the new member's presence is trainable now
-
-
+# ---- training after adding -----------------------------------------------------------------------------------------
 def test_training_only_new_slots_leaves_every_other_entry_bit_identical(tmp_path):
     model, experts = _trained(3)
     grown = add_expert(remove_expert(model, "e2"), experts[2], name="new")
     before = {k: v.clone() for k, v in grown.stitches.state_dict().items()}
-    masks = _new_slot_masks(grown, "new")
+    masks = new_slot_masks(grown, "new")
     ids = random_ids()
     cfg = TrainConfig(steps=3, lr=1e-2, warmup=1, batch_size=2, log_every=1, ckpt_every=10, weight_decay=0.1)
     train_stitches(grown, lambda step: [{"input_ids": ids, "labels": ids}], cfg, tmp_path / "t", only="new")
@@ -58,43 +42,6 @@ def test_training_only_new_slots_leaves_every_other_entry_bit_identical(tmp_path
     assert all((s.presence >= 0).all() for s in grown.stitches if s.presence is not None)
     with torch.no_grad():
         assert (grown(ids).logits - remove_expert(grown, "new")(ids).logits).abs().max() > 1e-4
-
-
-def test_added_model_round_trips_through_save(tmp_path):
-    hub_dir, expert_dirs = save_members(tmp_path, n=3)
-    model = open_stitches(BTSForCausalLM.from_members(hub_dir, expert_dirs[:2]))
-    grown = add_expert(model, expert_dirs[2], name="third")
-    with torch.no_grad():
-        for s in grown.stitches:
-            if s.presence is not None:
-                s.presence[3].fill_(0.5)  # as if trained
-    grown.save_pretrained(tmp_path / "grown")
-    loaded = BTSForCausalLM.from_pretrained(tmp_path / "grown")
-    ids = random_ids()
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, grown.eval()(ids).logits)
-
-
-# ---- remove -------------------------------------------------------------------------------------------------------
-def test_remove_expert_renormalises_and_is_usable():
-    model, _ = _trained(3)
-    reduced = remove_expert(model, "e1")
-    assert reduced.config.expert_names == ["e0", "e2"] and reduced.config.num_experts == 2
-    ids = random_ids()
-    for g, kind in zip(reduced.gate_values(ids, effective=True), reduced.config.stitch_kinds):
-        assert g.shape[-2] == 3
-        if kind == E2H:
-            assert (g.sum(-2) - 1).abs().max() <= 1e-5
-    # the kept slots are the old ones: the reduced model is the full one with e1 switched off
-    model.set_active_experts(["e0", "e2"])
-    with torch.no_grad():
-        assert (reduced(ids).logits - model(ids).logits).abs().max() <= 1e-5
-    out_c = reduced.generate(ids[:1], max_new_tokens=6, do_sample=False)
-    out_n = reduced.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(out_c, out_n)
-    # removing leaves the source model working: it still has its three experts
-    model.set_active_experts(None)
-    assert model(ids).logits.isfinite().all()
 
 
 # ---- sparse inference -----------------------------------------------------------------------------------------------
@@ -139,8 +86,8 @@ def test_sparse_skips_inactive_experts_and_generates_consistently():
     assert all(g.shape[-2] == 2 and (g.sum(-2) - 1).abs().max() <= 1e-5 for g in e2h)
 
 
-def test_bad_inputs_are_bts_errors(tmp_path):
-    model, experts = _trained(2)
+def test_bad_sparse_inputs_are_bts_errors():
+    model, _ = _trained(2)
     ids = random_ids()
     with pytest.raises(BTSError, match="'nope'"):
         model.set_active_experts(["nope"])
@@ -150,12 +97,6 @@ def test_bad_inputs_are_bts_errors(tmp_path):
         model.top_experts(ids, k=0)
     with pytest.raises(BTSError):
         model.set_active_experts([])
-    with pytest.raises(BTSError, match="'nope'"):
-        remove_expert(model, "nope")
-    with pytest.raises(BTSError, match="already a member"):
-        add_expert(model, experts[0], name="e1")
-    with pytest.raises(BTSError, match="only expert"):
-        remove_expert(remove_expert(model, "e0"), "e1")
 
 
 def _word_tokenizer():
@@ -231,7 +172,7 @@ def test_sparse_inference_sees_weight_updates_despite_its_row_cache():
 
 
 def test_sparse_table_scores_expert_domains_and_refuses_other_keys():
-    from bts.pipeline.modularity import sparse_table
+    from bts.eval.gates import sparse_table
 
     model, _ = _trained(2)
     windows = {"e0": random_ids(3, 8, seed=1), "other": random_ids(3, 8, seed=2)}
@@ -240,3 +181,24 @@ def test_sparse_table_scores_expert_domains_and_refuses_other_keys():
     assert abs(table["e0"]["k"][-1]["change_pct"]) < 1e-4  # k = n is the full model
     with pytest.raises(BTSError, match="expert names"):
         sparse_table(model, {"code": random_ids(3, 8)})
+
+
+# ---- the modularity datamix is the run's stitch mix --------------------------------------------------------------
+def test_modularity_mix_honours_stitch_domain_weights(tmp_path):
+    from bts.pipeline.modularity import stitch_mix_for
+    from bts.pipeline.recipe import load_recipe
+    from bts.pipeline.run import Run
+
+    run = Run(load_recipe("smoke", ["stitch.domain_weights={code: 3.0}"]), tmp_path)  # no data needed for a mix
+    g = run.recipe.stitch.general_weight
+    experts = list(run.recipe.expert_domains)
+    mix = stitch_mix_for(run, experts)
+    assert mix == run.stitch_mix()
+    assert mix["code"] == pytest.approx(g / 4 + (1 - g) * 3 / 6) and mix["prose"] == pytest.approx(g / 4 + (1 - g) / 6)
+    without = stitch_mix_for(run, [e for e in experts if e != "prose"])  # after removing an expert: weights kept
+    assert without["code"] == pytest.approx(g / 4 + (1 - g) * 3 / 5) and without["prose"] == pytest.approx(g / 4)
+    focused = stitch_mix_for(run, experts, focus="legal", focus_weight=0.5)  # built on the same mix
+    assert focused == pytest.approx({d: 0.5 * w + (0.5 if d == "legal" else 0) for d, w in mix.items()})
+    assert sum(focused.values()) == pytest.approx(1)
+    with pytest.raises(BTSError, match="focus_weight"):
+        stitch_mix_for(run, experts, focus="legal", focus_weight=1.0)

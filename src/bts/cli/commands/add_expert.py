@@ -46,7 +46,9 @@ def save(model, stitched_dir: str, out: Path) -> None:
 
 def run(args):
     from bts.core.model import BTSForCausalLM
-    from bts.pipeline.modularity import add_expert, load_run, stitch_mix_for, train_config, train_stitches
+    from bts.core.surgery import add_expert
+    from bts.pipeline.modularity import stitch_mix_for, train_config, train_stitches
+    from bts.pipeline.run import load_run
 
     out = Path(args.out)
     check_out(out, args.force)

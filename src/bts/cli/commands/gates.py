@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bts.errors import BTSError
+from bts.eval.gates import token_gates
 
 HELP = "per-token gate weights of every stitch layer: heatmaps and an HTML view of the dominant member"
 COLOURS = ["#bbbbbb", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -40,13 +41,6 @@ def load_tokenizer(model_dir: str, model):
         except (OSError, ValueError):
             continue
     raise BTSError(f"model '{model_dir}' has no tokenizer (none in it nor in its hub's directory).")
-
-
-@torch.no_grad()
-def token_gates(model, ids: torch.Tensor) -> torch.Tensor:
-    """[layers, T, members]: each token's mixing weight per member at every stitch, mean over channels."""
-    gates = model.gate_values(ids.view(1, -1), effective=True)
-    return torch.stack([g[0].mean(-1) for g in gates])
 
 
 def plot(mass: torch.Tensor, tokens: list[str], names: list[str], layer: int, kinds: list[str], out: Path) -> None:

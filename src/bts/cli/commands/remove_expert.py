@@ -23,7 +23,9 @@ def add_arguments(p):
 def run(args):
     from bts.cli.commands.add_expert import check_out, save
     from bts.core.model import BTSForCausalLM
-    from bts.pipeline.modularity import load_run, remove_expert, stitch_mix_for, train_config, train_stitches
+    from bts.core.surgery import remove_expert
+    from bts.pipeline.modularity import stitch_mix_for, train_config, train_stitches
+    from bts.pipeline.run import load_run
 
     out = Path(args.out)
     check_out(out, args.force)

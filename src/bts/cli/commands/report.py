@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from bts.errors import BTSError
-from bts.pipeline.run import Run
-from bts.pipeline.recipe import load_recipe
+from bts.pipeline.run import load_run
+from bts.pipeline.stages import report
 
 HELP = "rewrite report.md / report.html and the plots of a finished run"
 
@@ -19,7 +19,6 @@ def run(args):
         raise BTSError(f"'{root}' is not a bts run directory (no recipe.yaml).")
     if not (root / "results.json").exists():
         raise BTSError(f"'{root}' has no results.json; run the evaluate stage first.")
-    runner = Run(load_recipe(str(root / "recipe.yaml")), root)
-    runner.report()
+    report(load_run(root))  # the pipeline's report stage: fills in what an older run directory lacks
     print(root / "report" / "report.md")
     return 0

@@ -1,0 +1,152 @@
+"""A pipeline run's recipe over its run directory, and the run's data: texts, the tokenizer (trained by the
+tokenizer stage, or the seed model's), token streams, batchers, the stitch datamix and held-out texts.
+
+Used by the stages (bts.pipeline.stages), the baselines (bts.baselines.registry: recipe, path(), domains,
+stream(), batcher(), stitch_mix()) and the modularity measurement; bts.pipeline.run.Run adds running the stages.
+The directory's lock, markers and manifest are bts.pipeline.rundir.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from bts.atomic import atomic_write_bytes
+from bts.data.streams import Batcher, interleave, tokenize_stream
+from bts.errors import BTSError
+from bts.pipeline.recipe import Recipe
+from bts.pipeline.rundir import RunDir
+
+
+class RunData:
+    def __init__(self, recipe: Recipe, run_dir: str | os.PathLike | None = None):
+        self.recipe = recipe
+        self.dir = RunDir(run_dir or recipe.run_dir or Path("runs") / recipe.name)
+        self.root = self.dir.root
+        self.domains = list(recipe.data.domains)
+        self._tokenizer = None
+        self._streams: dict = {}
+
+    def path(self, *parts) -> Path:
+        return self.dir.path(*parts)
+
+    def done(self, stage: str) -> dict | None:
+        return self.dir.done(stage)
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def texts(self, domain: str, split: str) -> list[str]:
+        with open(self.path("data", domain, f"{split}.jsonl"), encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+
+    def tokenizer(self):
+        """The seed model's tokenizer, or the run's own (trained by the tokenizer stage, at once if it has not
+        run yet)."""
+        if self._tokenizer is not None:
+            return self._tokenizer
+        from transformers import AutoTokenizer
+
+        seed_path = self.recipe.seed_model.path
+        if seed_path:
+            from bts.core.members import resolve_dir
+
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_dir(seed_path, "seed_model.path"))
+            return self._tokenizer
+        if not self.done("tokenizer"):  # the tokenizer stage
+            self._train_tokenizer()
+        self._tokenizer = AutoTokenizer.from_pretrained(self.path("tokenizer"))
+        return self._tokenizer
+
+    def _train_tokenizer(self) -> None:
+        from bts.data.tokenizer import train_bpe
+
+        with self.dir.stage("tokenizer") as info:
+            budget = self.recipe.tokenizer.train_chars // max(1, len(self.domains))
+            texts = []
+            for d in self.domains:
+                taken = 0
+                for t in self.texts(d, "train"):
+                    texts.append(t[: budget - taken])
+                    taken += len(texts[-1])
+                    if taken >= budget:
+                        break
+            tok = train_bpe(texts, self.recipe.tokenizer.vocab_size)
+            tok.save_pretrained(self.path("tokenizer"))
+            info["vocab_size"] = len(tok)
+
+    def stream(self, domain: str, split: str) -> torch.Tensor:
+        key = (domain, split)
+        if key not in self._streams:
+            cache = self.path("data", domain, f"{split}.tokens.pt")
+            if cache.exists():
+                self._streams[key] = torch.load(cache, weights_only=True)
+            else:
+                stream = tokenize_stream(self.tokenizer(), self.texts(domain, split))
+                if len(stream) == 0:
+                    raise BTSError(f"domain '{domain}' has an empty {split} split.")
+                buffer = io.BytesIO()
+                torch.save(stream, buffer)
+                atomic_write_bytes(cache, buffer.getvalue())  # a unique temp name: ranks may tokenize at once
+                self._streams[key] = stream
+        return self._streams[key]
+
+    def batcher(self, weights: dict, cfg, salt: int) -> Batcher:
+        streams = {d: self.stream(d, "train") for d in weights}
+        return Batcher(streams, weights, self.recipe.data.seq_len, cfg.batch_size, cfg.grad_accum,
+                       seed=self.recipe.seed * 7919 + salt)
+
+    def stitch_mix(self, experts: list[str] | None = None) -> dict:
+        """The stitch datamix: general_weight of the seed's general mix (all domains equally) plus the rest split
+        across the experts' domains (equally, or by stitch.domain_weights). `experts` (default: the recipe's)
+        gives another set, e.g. after adding or removing one; experts named unlike any domain add nothing, and
+        with none left the mix is the general one alone."""
+        s = self.recipe.stitch
+        own = [e for e in (self.recipe.expert_domains if experts is None else experts) if e in self.domains]
+        if not own:
+            return {d: 1 / len(self.domains) for d in self.domains}
+        weights = {d: float(s.domain_weights.get(d, 1.0)) for d in own}
+        total = sum(weights.values())
+        mix = {d: s.general_weight / len(self.domains) for d in self.domains}
+        for d, w in weights.items():
+            mix[d] += (1 - s.general_weight) * w / total
+        return mix
+
+    def mixed_heldout(self, max_tokens: int | None = None) -> torch.Tensor:
+        """Held-out text that switches domain every half window (scored as 'mixed')."""
+        seq = self.recipe.data.seq_len
+        budget = max_tokens or self.recipe.data.eval_tokens or 1 << 30
+        return interleave([self.stream(d, "heldout") for d in self.domains], seq // 2, budget)
+
+    def switch_text(self, domains: list[str] | None = None) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        """Held-out text that changes domain every half window (the report's gate heatmap): ids, [(start, domain)]."""
+        chunk = self.recipe.data.seq_len // 2
+        pieces, bounds = [], []
+        for d in (domains or self.domains)[:4]:
+            bounds.append((sum(len(p) for p in pieces), d))
+            pieces.append(self.stream(d, "heldout")[:chunk])
+        return torch.cat(pieces), bounds
+
+    # ---- models ----------------------------------------------------------------------------------------------
+    def build_stitched(self):
+        """A fresh stitched model over the run's seed and experts, with the recipe's stitch layout."""
+        from bts.core.model import BTSForCausalLM
+
+        s = self.recipe.stitch
+        experts = self.recipe.expert_domains
+        return BTSForCausalLM.from_members(
+            str(self.path("models", "seed")), [str(self.path("models", f"expert-{d}")) for d in experts],
+            names=experts, hub_name="seed", num_stitches=s.num_stitches, positions=s.positions or None,
+            all_e2h=s.all_e2h, init=s.init, beta=s.beta, gate_dropout=s.gate_dropout, expert_stream=s.expert_stream)
+
+
+def load_run_data(run_dir, cls=None):
+    """A pipeline run directory (its resolved recipe.yaml and data) as a RunData (or `cls`, e.g. Run)."""
+    from bts.pipeline.recipe import load_recipe
+
+    root = Path(run_dir)
+    if not (root / "recipe.yaml").exists():
+        raise BTSError(f"--run-dir '{root}' is not a bts run directory (no recipe.yaml).")
+    return (cls or RunData)(load_recipe(str(root / "recipe.yaml")), root)
