@@ -236,9 +236,12 @@ def markdown_tables(results: dict) -> str:
     return "\n\n".join(f"## {title}\n\n{body}" for title, body in modularity_sections(results, gates)) + "\n"
 
 
+load_run = load_run_data  # the name before the split (bts.modularity.load_run); the pipeline's is bts.pipeline.run
+
+
 if __name__ == "__main__":
     sys.exit(main())
 
 
 __all__ = ["add_expert", "remove_expert", "train_stitches", "stitch_mix_for", "train_config", "measure_modularity",
-           "markdown_tables"]
+           "load_run", "markdown_tables"]
