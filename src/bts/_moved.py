@@ -28,7 +28,30 @@ MOVED = {
     "bts.downstream": "bts.eval.downstream",  # and its submodules: bts.downstream.tasks -> bts.eval.downstream.tasks
     "bts.commands": "bts.cli.commands",
 }
+# Names that the old flat modules bts.data, bts.train and bts.pipeline exported; those names are packages now, whose
+# __getattr__ hands these out (from the module that holds them today).
+MOVED_NAMES = {
+    "bts.data": {**dict.fromkeys(("Batcher", "eval_windows", "interleave", "tokenize_stream"), "bts.data.streams"),
+                 "heldout_loss": "bts.eval.heldout"},
+    "bts.train": dict.fromkeys(("train", "TrainResult", "lr_at", "make_optimizer", "default_loss"), "bts.train.loop"),
+    "bts.pipeline": {"Run": "bts.pipeline.run", "STAGES": "bts.pipeline.run", "PARALLEL_STAGES": "bts.pipeline.run",
+                     "gate_summary": "bts.eval.gates", "count_params": "bts.pipeline.loaders",
+                     "WRITE_ERRNOS": "bts.pipeline.rundir", "log": "bts.pipeline.rundir"},
+}
 REMOVED_IN = "bts 0.3"
+_warned: set[str] = set()
+
+
+def attribute(package: str, name: str):
+    """`from bts.data import Batcher` as before the layout (a package's __getattr__ calls this)."""
+    home = MOVED_NAMES.get(package, {}).get(name)
+    if home is None:
+        raise AttributeError(f"module '{package}' has no attribute '{name}'")
+    if f"{package}.{name}" not in _warned:
+        _warned.add(f"{package}.{name}")
+        warnings.warn(f"'{package}.{name}' moved to '{home}.{name}'; the old name works until {REMOVED_IN}.",
+                      FutureWarning, stacklevel=3)
+    return getattr(importlib.import_module(home), name)
 
 
 class _Alias(importlib.abc.Loader):
