@@ -324,3 +324,39 @@ def test_table2_numbers():
     assert two(adapters["total"]) == 9.9e9 and adapters["active"] == adapters["total"]
     seed = bam_counts(**{**paper, "members": 1})  # one member: the dense seed plus two 1-wide routers per block
     assert two(seed["total"] - 20 * 2 * 3072) == 2.7e9
+
+
+# ---- the pipeline baselines (bts.baselines.registry) ----------------------------------------------------------
+def test_pipeline_baselines_check_budget_and_load(tmp_path):
+    """`bam` and `bam_adapters` as the pipeline sees them: their recipe options are checked, they train on the
+    stitch's steps and batch at their own lr, and load() gives back the saved model in eval mode with the stage's
+    accounting."""
+    import dataclasses as dc
+
+    from bts.baselines.base import write_model_dir
+    from bts.baselines.registry import METHODS, REGISTRY
+    from bts.pipeline.recipe import load_recipe
+
+    assert METHODS.index("btx_soft") + 1 == METHODS.index("bam") == METHODS.index("bam_adapters") - 1
+    recipe = load_recipe("smoke")
+    assert {"bam", "bam_adapters"} <= set(recipe.baselines.methods) <= set(load_recipe("demo").baselines.methods)
+    for name, key in (("bam", "bam_lr"), ("bam_adapters", "bam_adapters_lr")):
+        baseline = REGISTRY[name]
+        assert baseline.trained and key in baseline.options
+        budget = baseline.budget(dc.replace(recipe, baselines=dc.replace(recipe.baselines, **{key: 4e-3})))
+        assert budget == dc.replace(recipe.stitch.train, lr=4e-3)
+        with pytest.raises(BTSError, match=f"baselines.{key}"):
+            baseline.check(dc.replace(recipe.baselines, **{key: 0.0}))
+    with pytest.raises(BTSError, match="baselines.bam_lr"):
+        load_recipe("smoke", ["baselines.bam_lr=-1"])
+    hub, experts = tiny_members("llama", n=2)
+    bam = build_bam(hub, experts, adapters=True)
+    write_model_dir(bam, tmp_path / "bam_adapters")
+    info = {"trainable_params": 1, "total_params": 2, "active_params": 2, "tokens": 5}
+    loaded, accounting = REGISTRY["bam_adapters"].load(tmp_path / "bam_adapters", info)
+    assert isinstance(loaded, BAMForCausalLM) and not loaded.training and loaded.config.adapters
+    assert accounting == {"trainable_params": 1, "total_params": 2, "active_params": 2}
+    ids = random_ids()
+    torch.testing.assert_close(logits(loaded, ids), logits(bam, ids), atol=0, rtol=0)
+    with pytest.raises(BTSError, match="not a model directory"):
+        REGISTRY["bam"].load(tmp_path / "nothing", info)

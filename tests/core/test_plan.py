@@ -23,7 +23,7 @@ def paper_seed(tmp_path_factory):
 def test_paper_numbers(paper_seed):
     plan = make_plan(str(paper_seed / "config.json"), experts=3, stitches=4)
     assert plan["stitch_params_paper"] == 264_241_152  # "BTS training params 264M"
-    seed, _, stitch, infer = plan["phases"]
+    seed, _, stitch, infer = plan["phases"][:4]
     assert seed.total == 2_691_296_256  # "seed 2.7B"
     assert stitch.total == 4 * seed.total + plan["stitch_params"]
     assert 10.9e9 < stitch.total < 11.1e9  # "11B total"
@@ -36,9 +36,32 @@ def test_paper_numbers(paper_seed):
     assert stitch.flops_stitch == 2 * 264_241_152
 
 
+def test_bam_rows_reproduce_table2(paper_seed):
+    """The paper's Table 2 for the 2.7B seed with 3 experts: BAM 8.40B total and trained; BAM adapters 1.5B trained
+    (9.9B total). Soft routing runs every expert, so active = total."""
+    from bts.baselines.bam import bam_counts_of
+    from transformers import AutoConfig
+
+    bam, adapters = make_plan(str(paper_seed), experts=3)["phases"][4:]
+    assert (bam.name, adapters.name) == ("BAM training", "BAM adapters training")
+    assert f"{bam.total / 1e9:.2f}" == "8.40" and bam.trainable == bam.active == bam.total
+    assert f"{adapters.trainable / 1e9:.2f}" == "1.51" and f"{adapters.total / 1e9:.2f}" == "9.91"
+    assert adapters.active == adapters.total
+    assert adapters.total - bam.total == adapters.trainable - 20 * 2 * 4 * 3072 == 20 * 4 * 2 * 3072**2
+    # The closed form from the Arch equals the one bts.baselines.bam computes from the members' config.
+    base = AutoConfig.from_pretrained(paper_seed)
+    assert bam.total == bam_counts_of(base, 4)["total"]
+    assert adapters.trainable == bam_counts_of(base, 4, adapters=True)["trainable"]
+    # Memory: BAM trains every weight (16 bytes each under DDP), adapters only routers and adapters.
+    ddp = bam.memory["ddp"]
+    assert ddp["weights"] + ddp["grads"] + ddp["optimizer"] == 16 * bam.total
+    assert adapters.memory["ddp"]["grads"] == 2 * adapters.trainable
+    assert bam.grad_layers == 20 * 4  # every member's layer of every block keeps activations
+
+
 def test_memory_bookkeeping(paper_seed):
     plan = make_plan(str(paper_seed), experts=3, gpus=4, gpu_mem_gib=40)
-    seed, _, stitch, _ = plan["phases"]
+    seed, _, stitch, _ = plan["phases"][:4]
     ddp, fsdp = seed.memory["ddp"], seed.memory["fsdp2"]
     assert ddp["weights"] + ddp["grads"] + ddp["optimizer"] == 16 * seed.total  # 16 bytes per trained parameter
     assert fsdp["optimizer"] == pytest.approx(ddp["optimizer"] / 4)
@@ -56,9 +79,12 @@ def test_cli_text_and_json(paper_seed, capsys):
     assert main(["plan", str(paper_seed), "--experts", "3", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert "264,241,152" in out and "stitch training" in out and "fsdp2" in out
+    assert "BAM training                                8.40B     8.40B    8.40B" in out
+    assert "BAM adapters training                       9.91B     1.51B    9.91B" in out
     assert main(["plan", str(paper_seed), "--experts", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["stitch_params_paper"] == 4 * 5 * 3072**2 and len(data["phases"]) == 4
+    assert data["stitch_params_paper"] == 4 * 5 * 3072**2 and len(data["phases"]) == 6
+    assert [p["name"] for p in data["phases"][4:]] == ["BAM training", "BAM adapters training"]
 
 
 @pytest.mark.parametrize("args,match", [(["--experts", "0"], "--experts"), (["--stitches", "21", "--experts", "1"],

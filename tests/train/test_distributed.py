@@ -74,10 +74,21 @@ def routing():
     return model, {f"router.{k}": p for k, p in model.router.named_parameters()}, {"loss_fn": routing_loss_fn}
 
 
-PHASES = {"plain": plain, "stitched": stitched, "btx": btx, "routing": routing}
+def bam(adapters=False):
+    from bts.baselines.bam import bam_trainable_parameters, build_bam
+
+    hub, experts = members()
+    model = build_bam(hub, experts, adapters=adapters, seed_rng=0)  # the seed's dtype: float64, routers too
+    assert next(model.parameters()).dtype == DTYPE
+    return model, bam_trainable_parameters(model), {}
+
+
+PHASES = {"plain": plain, "stitched": stitched, "btx": btx, "routing": routing, "bam": bam,
+          "bam_adapters": functools.partial(bam, adapters=True)}
 # (phase, mode) pairs trained from scratch in 2 processes
 RUNS = [("plain", "ddp"), ("plain", "fsdp2"), ("stitched", "ddp"), ("stitched", "fsdp2"), ("btx", "ddp"),
-        ("btx", "fsdp2"), ("routing", "ddp"), ("routing", "fsdp2")]
+        ("btx", "fsdp2"), ("routing", "ddp"), ("routing", "fsdp2"), ("bam", "ddp"), ("bam", "fsdp2"),
+        ("bam_adapters", "ddp"), ("bam_adapters", "fsdp2")]
 # checkpoints across process counts: (phase, mode) for 2 -> 1 and 1 -> 2
 MOVES = [("plain", "fsdp2"), ("stitched", "ddp")]
 

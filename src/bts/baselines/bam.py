@@ -52,203 +52,27 @@ H heads of hd dims, H_kv kv heads, M members:
 from __future__ import annotations
 
 import copy
-import importlib
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from bts.baselines.bam_layers import ROLES_ATTN, BAMConfig, BAMDecoder, Mixture, Router, family
+from bts.baselines.base import Baseline, accounting, positive, run_members, train_on_stitch_mix, write_model_dir
 from bts.core import hf
-from bts.core.config import CompositeConfig
 from bts.core.members import Member, check_compatible, copy_tokenizer, load_causal_lm
+from bts.core.plan import bam_counts
 from bts.errors import BTSError
 
 # Config fields that change the computation without changing a tensor shape: members must agree on them.
 SAME_FIELDS = ("hidden_act", "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "sliding_window",
                "head_dim", "max_position_embeddings", "layer_types")
-ROLES_ATTN = ("q", "k", "v", "o")
-
-
-@strict
-class BAMConfig(CompositeConfig):
-    """A BAM model: `base_config` is the members' architecture, `members` records where they came from
-    ([{"name", "path"}], seed first; provenance only: the folder holds every weight)."""
-
-    model_type = "bts_bam"
-
-    num_members: int = 2
-    adapters: bool = False
-    parallel: bool = True
-    kv_sharing: bool = False
-    router_init_std: float | None = None
-    sliding_window: int | None = None
-
-    def fill_defaults(self) -> None:
-        base = self.base_config
-        if self.members is not None:
-            self.num_members = len(self.members)
-        self.tie_word_embeddings = bool(getattr(base, "tie_word_embeddings", False))
-        self.sliding_window = getattr(base, "sliding_window", None)
-        if self.router_init_std is None:
-            self.router_init_std = float(getattr(base, "initializer_range", 0.02))
-
-    def cache_copies(self) -> int:
-        return 1  # one cache slot per block: the experts are folded into its heads
-
-
-def family(base) -> tuple[type, type, nn.Module, nn.Module]:
-    """(RMSNorm class, rotary class, a meta-device attention probe, a meta-device MLP probe) of a Llama-family config."""
-    hf.check_supported(base)
-    causal = MODEL_FOR_CAUSAL_LM_MAPPING[type(base)]
-    module, prefix = importlib.import_module(causal.__module__), causal.__name__.removesuffix("ForCausalLM")
-    with torch.device("meta"):
-        attn, mlp = getattr(module, f"{prefix}Attention")(base, 0), getattr(module, f"{prefix}MLP")(base)
-    if getattr(mlp.gate_proj, "bias", None) is not None:
-        raise BTSError("BAM: members with MLP biases are not supported (SwiGLU experts have none).")
-    return getattr(module, f"{prefix}RMSNorm"), getattr(module, f"{prefix}RotaryEmbedding"), attn, mlp
-
-
-def _rms(x, weight, eps):
-    dtype = x.dtype
-    x = x.float()
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-
-
-def _proj(x, w, b=None):
-    """x [B, T, in] (or [M, B, T, in]), w [M, out, in] (nn.Linear layout), b [M, out] -> [M, B, T, out]."""
-    y = torch.matmul(x if x.dim() == 4 else x.unsqueeze(0), w.unsqueeze(1).transpose(-1, -2))
-    return y if b is None else y + b[:, None, None, :]
-
-
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class Mixture(nn.Module):
-    """What both expert mixtures share: M experts, optional per-expert d x d adapters on their outputs."""
-
-    def _adapt(self, y):  # y: [M, B, T, d]
-        return y if self.adapter is None else _proj(y, self.adapter)
-
-
-class BAMAttention(Mixture):
-    """M attention experts (stacked weights, nn.Linear layout along a leading expert axis); with kv_sharing one K/V."""
-
-    def __init__(self, config: BAMConfig, probe: nn.Module):
-        super().__init__()
-        M, d = config.num_members, config.base_config.hidden_size
-        self.M, self.Mk = M, 1 if config.kv_sharing else M
-        self.head_dim, self.scaling = probe.head_dim, probe.scaling
-        self.heads, self.kv_heads = config.base_config.num_attention_heads, config.base_config.num_key_value_heads
-        self.dropout = float(getattr(config.base_config, "attention_dropout", 0.0) or 0.0)
-        for role in ROLES_ATTN:
-            linear, n = getattr(probe, f"{role}_proj"), self.Mk if role in "kv" else M
-            self.register_parameter(f"{role}_proj", nn.Parameter(torch.empty(n, *linear.weight.shape)))
-            bias = nn.Parameter(torch.empty(n, linear.bias.shape[0])) if linear.bias is not None else None
-            self.register_parameter(f"{role}_bias", bias)
-        qk = getattr(probe, "q_norm", None) is not None  # Qwen3: RMSNorm over each head before the rotary
-        self.qk_eps = probe.q_norm.variance_epsilon if qk else None
-        self.q_norm = nn.Parameter(torch.empty(M, self.head_dim)) if qk else None
-        self.k_norm = nn.Parameter(torch.empty(self.Mk, self.head_dim)) if qk else None
-        self.adapter = nn.Parameter(torch.empty(M, d, d)) if config.adapters else None
-
-    def forward(self, x, position_embeddings, mask, cache, slot: int):
-        """x: the normed input [B, T, d] -> every expert's output [M, B, T, d]."""
-        B, T, _ = x.shape
-        hd, H, Hk = self.head_dim, self.heads, self.kv_heads
-        q = _proj(x, self.q_proj, self.q_bias).view(self.M, B, T, H, hd)
-        k = _proj(x, self.k_proj, self.k_bias).view(self.Mk, B, T, Hk, hd)
-        v = _proj(x, self.v_proj, self.v_bias).view(self.Mk, B, T, Hk, hd)
-        if self.q_norm is not None:
-            q = _rms(q, self.q_norm[:, None, None, None, :], self.qk_eps)
-            k = _rms(k, self.k_norm[:, None, None, None, :], self.qk_eps)
-        # Experts folded into heads: [M, B, T, H, hd] -> [B, M*H, T, hd]; expert m owns heads m*H .. m*H + H - 1.
-        q, k, v = (t.permute(1, 0, 3, 2, 4).reshape(B, t.shape[0] * t.shape[3], T, hd) for t in (q, k, v))
-        cos, sin = (e.unsqueeze(1) for e in position_embeddings)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(k, v, slot)
-        if self.Mk != self.M:  # shared K/V: every query expert reads the same heads
-            k, v = k.repeat(1, self.M, 1, 1), v.repeat(1, self.M, 1, 1)
-        if H != Hk:  # as transformers' repeat_kv: kv head j serves query heads j*g .. j*g + g - 1
-            k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
-        causal = T > 1 and mask is None
-        if causal and k.shape[2] > T:
-            k, v = k[:, :, :T], v[:, :, :T]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        out = out.view(B, self.M, H, T, hd).permute(1, 0, 3, 2, 4).reshape(self.M, B, T, H * hd)
-        return self._adapt(_proj(out, self.o_proj, self.o_bias))
-
-
-class BAMFFN(Mixture):
-    """M SwiGLU experts, stacked: gate/up [M, F, d], down [M, d, F]."""
-
-    def __init__(self, config: BAMConfig, probe: nn.Module):
-        super().__init__()
-        M, d = config.num_members, config.base_config.hidden_size
-        for role in ("gate", "up", "down"):
-            shape = getattr(probe, f"{role}_proj").weight.shape
-            self.register_parameter(f"{role}_proj", nn.Parameter(torch.empty(M, *shape)))
-        self.act_fn = probe.act_fn
-        self.adapter = nn.Parameter(torch.empty(M, d, d)) if config.adapters else None
-
-    def forward(self, x):
-        return self._adapt(_proj(self.act_fn(_proj(x, self.gate_proj)) * _proj(x, self.up_proj), self.down_proj))
-
-
-class Router(nn.Linear):
-    """A soft router d -> M (bias-free); its own class so weight init can tell it from the LM head."""
-
-
-def mix(router: Router, x_normed, outputs, record: list | None):
-    """Soft routing: sum_m softmax(R x)_m * outputs[m]; the weights [B, T, M] are appended to `record`."""
-    weights = F.linear(x_normed.float(), router.weight.float()).softmax(dim=-1)
-    if record is not None:
-        record.append(weights.detach())
-    return (weights.permute(2, 0, 1).unsqueeze(-1).to(outputs.dtype) * outputs).sum(0)
-
-
-class BAMBlock(nn.Module):
-    def __init__(self, config: BAMConfig, norm_cls, attn_probe, mlp_probe):
-        super().__init__()
-        base, M = config.base_config, config.num_members
-        self.parallel = config.parallel
-        self.input_layernorm = norm_cls(base.hidden_size, eps=base.rms_norm_eps)
-        if not self.parallel:
-            self.post_attention_layernorm = norm_cls(base.hidden_size, eps=base.rms_norm_eps)
-        self.attn_router = Router(base.hidden_size, M, bias=False)
-        self.ffn_router = Router(base.hidden_size, M, bias=False)
-        self.attn = BAMAttention(config, attn_probe)
-        self.mlp = BAMFFN(config, mlp_probe)
-
-    def forward(self, x, position_embeddings, mask, cache, slot: int, record: list | None = None):
-        n = self.input_layernorm(x)
-        attn = mix(self.attn_router, n, self.attn(n, position_embeddings, mask, cache, slot), record)
-        if self.parallel:
-            return x + attn + mix(self.ffn_router, n, self.mlp(n), record)
-        h = x + attn
-        n = self.post_attention_layernorm(h)
-        return h + mix(self.ffn_router, n, self.mlp(n), record)
-
-
-class BAMDecoder(nn.Module):
-    def __init__(self, config: BAMConfig):
-        super().__init__()
-        base = config.base_config
-        norm_cls, rotary_cls, attn_probe, mlp_probe = family(base)
-        self.embed_tokens = nn.Embedding(base.vocab_size, base.hidden_size, getattr(base, "pad_token_id", None))
-        self.layers = nn.ModuleList(BAMBlock(config, norm_cls, attn_probe, mlp_probe)
-                                    for _ in range(base.num_hidden_layers))
-        self.norm = norm_cls(base.hidden_size, eps=base.rms_norm_eps)
-        self.rotary_emb = rotary_cls(config=base)  # the members' rotary embedding (same class and config)
+__all__ = ["BAMConfig", "BAMForCausalLM", "BASELINES", "bam_counts", "bam_counts_of", "bam_parameter_counts",
+           "bam_trainable_parameters", "build_bam", "load_bam"]
 
 
 class BAMForCausalLM(PreTrainedModel, GenerationMixin):
@@ -319,7 +143,8 @@ class BAMForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.model.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=base.vocab_size, **kwargs)
@@ -462,27 +287,6 @@ def bam_parameter_counts(model: BAMForCausalLM) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "active": total}
 
 
-def bam_counts(*, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
-               num_kv_heads: int, members: int, head_dim: int | None = None, tie_word_embeddings: bool = False,
-               qkv_bias: bool = False, qk_norm: bool = False, adapters: bool = False, parallel: bool = True,
-               kv_sharing: bool = False) -> dict[str, int]:
-    """The closed form of the module docstring, from architecture numbers alone (for `bts plan`, Table 2).
-    qkv_bias: q/k/v biases (Qwen2); qk_norm: per-head q/k norms (Qwen3). Returns {total, trainable, active}."""
-    V, d, Fw, L, M = vocab_size, hidden_size, intermediate_size, num_layers, members
-    hd = head_dim or d // num_heads
-    q = o = d * num_heads * hd
-    k = v = d * num_kv_heads * hd
-    if qkv_bias:
-        q, k, v = q + num_heads * hd, k + num_kv_heads * hd, v + num_kv_heads * hd
-    if qk_norm:
-        q, k = q + hd, k + hd
-    shared = V * d * (1 if tie_word_embeddings else 2) + d + L * d * (1 if parallel else 2)
-    attention = M * (q + o) + (1 if kv_sharing else M) * (k + v)
-    routers, adapter = L * 2 * M * d, L * M * 2 * d * d if adapters else 0
-    total = shared + L * (attention + M * 3 * d * Fw) + routers + adapter
-    return {"total": total, "trainable": routers + adapter if adapters else total, "active": total}
-
-
 def bam_counts_of(base, members: int, **options) -> dict[str, int]:
     """bam_counts for members of a Llama-family config `base` (options: adapters, parallel, kv_sharing)."""
     attn = family(base)[2]
@@ -492,6 +296,60 @@ def bam_counts_of(base, members: int, **options) -> dict[str, int]:
                       head_dim=attn.head_dim, tie_word_embeddings=bool(base.tie_word_embeddings),
                       qkv_bias=attn.q_proj.bias is not None, qk_norm=getattr(attn, "q_norm", None) is not None,
                       **options)
+
+
+def load_bam(path, dtype: torch.dtype | None = None) -> BAMForCausalLM:
+    """A saved BAM / BAM adapters folder, in eval mode (importing this module registers the Auto classes)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise BTSError(f"BAM path '{path}' is not a model directory (no config.json).")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+    if not isinstance(model, BAMForCausalLM):
+        raise BTSError(f"BAM path '{path}' holds model_type '{model.config.model_type}', not bts_bam.")
+    return model.eval()
+
+
+# ---- the bam / bam_adapters baselines -----------------------------------------------------------------------------
+class BAMBaseline(Baseline):
+    """`bam` (every weight trains, at baselines.bam_lr) and `bam_adapters` (members frozen; routers and adapters
+    train, at baselines.bam_adapters_lr): seed + experts as the attention and FFN experts, trained on the stitch
+    datamix for the stitch's steps and batch size (the same token budget as BTS and BTX). baselines.bam_parallel
+    picks the block form (default: BAM's parallel block; docs/bam.md has the measurement)."""
+
+    options = ("bam_lr", "bam_adapters_lr", "bam_parallel")
+    trained = True
+
+    def __init__(self, name: str, adapters: bool):
+        super().__init__(name)
+        self.adapters = adapters
+        self.lr_key = "bam_adapters_lr" if adapters else "bam_lr"
+
+    def check(self, options, prefix: str = "baselines.") -> None:
+        positive(getattr(options, self.lr_key), f"{prefix}{self.lr_key}")
+        if not isinstance(options.bam_parallel, bool):
+            raise BTSError(f"{prefix}bam_parallel must be true or false (got {options.bam_parallel!r}).")
+
+    def budget(self, recipe):  # the stitch's steps and batch
+        return dataclasses.replace(recipe.stitch.train, lr=getattr(recipe.baselines, self.lr_key))
+
+    def build(self, run) -> dict:
+        from bts.train import distributed
+
+        seed, experts = run_members(run)
+        model = build_bam(seed, experts, adapters=self.adapters, parallel=run.recipe.baselines.bam_parallel,
+                          seed_rng=run.recipe.seed)
+        trainable = bam_trainable_parameters(model)
+        counts = bam_parameter_counts(model)
+        result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe))
+        if distributed.is_main():
+            write_model_dir(model, run.path("models", self.name), tokenizer_from=seed)
+        return {**result, **accounting(counts)}
+
+    def load(self, path, info: dict):
+        return load_bam(path), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
+
+
+BASELINES = (BAMBaseline("bam", adapters=False), BAMBaseline("bam_adapters", adapters=True))
 
 
 AutoConfig.register("bts_bam", BAMConfig)

@@ -8,6 +8,9 @@ Methods (names as they appear in results.json):
                                         from the recipe, or, with baselines.sweep, chosen on the *validation* split
   btx_top2, btx_sampled_top1, btx_soft  BTX MoE (bts.baselines.btx), trained on the stitch datamix for the stitch's
                                         steps and batch size (same token budget)
+  bam, bam_adapters                     BAM: soft mixtures of attention and FFN experts (bts.baselines.bam), all
+                                        weights trained, or members frozen and d x d adapters trained; stitch
+                                        datamix, steps and batch size
   btm                                   BTM ensemble, uniform prior, no training (bts.baselines.btm)
   routing                               sequence-level routing (bts.baselines.routing), router trained on the stitch
                                         datamix at a constant learning rate
@@ -15,9 +18,9 @@ Methods (names as they appear in results.json):
 
 from __future__ import annotations
 
-from bts.baselines import btm, btx, merges, routing
+from bts.baselines import bam, btm, btx, merges, routing
 from bts.baselines.base import Baseline
 
-REGISTRY: dict[str, Baseline] = {b.name: b for b in (*merges.BASELINES, *btx.BASELINES, *btm.BASELINES,
-                                                     *routing.BASELINES)}
+REGISTRY: dict[str, Baseline] = {b.name: b for b in (*merges.BASELINES, *btx.BASELINES, *bam.BASELINES,
+                                                     *btm.BASELINES, *routing.BASELINES)}
 METHODS = tuple(REGISTRY)

@@ -51,6 +51,8 @@ class Arch:
     layer_matmul: int  # 2-D weights of one decoder layer
     embed: int
     head: int  # LM-head weights applied per token (V·d even when tied)
+    qkv_bias: bool = False  # q/k/v projections with biases (Qwen2)
+    qk_norm: bool = False  # per-head q/k RMSNorms (Qwen3)
 
     @property
     def forward_flops(self) -> int:
@@ -95,7 +97,39 @@ def load_arch(source: str) -> Arch:
                 vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
                 total=sum(p.numel() for p in model.parameters()), per_layer=sum(p.numel() for p in layer.parameters()),
                 layer_matmul=sum(p.numel() for p in layer.parameters() if p.dim() == 2),
-                embed=embed.numel(), head=embed.shape[0] * d)
+                embed=embed.numel(), head=embed.shape[0] * d,
+                qkv_bias=any(n.endswith("q_proj.bias") for n, _ in layer.named_parameters()),
+                qk_norm=any("q_norm" in n for n, _ in layer.named_parameters()))
+
+
+def bam_counts(*, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
+               num_kv_heads: int, members: int, head_dim: int | None = None, tie_word_embeddings: bool = False,
+               qkv_bias: bool = False, qk_norm: bool = False, adapters: bool = False, parallel: bool = True,
+               kv_sharing: bool = False) -> dict[str, int]:
+    """BAM's parameters in closed form, from architecture numbers alone (bts.baselines.bam builds the model; its
+    docstring and docs/bam.md derive the form). members: M = seed + experts. qkv_bias: q/k/v biases (Qwen2);
+    qk_norm: per-head q/k norms (Qwen3); adapters: BAM adapters (members frozen, d x d adapters train); parallel:
+    one norm per block instead of two; kv_sharing: one K/V per block. Returns {total, trainable, active}."""
+    V, d, Fw, L, M = vocab_size, hidden_size, intermediate_size, num_layers, members
+    hd = head_dim or d // num_heads
+    q = o = d * num_heads * hd
+    k = v = d * num_kv_heads * hd
+    if qkv_bias:
+        q, k, v = q + num_heads * hd, k + num_kv_heads * hd, v + num_kv_heads * hd
+    if qk_norm:
+        q, k = q + hd, k + hd
+    shared = V * d * (1 if tie_word_embeddings else 2) + d + L * d * (1 if parallel else 2)
+    attention = M * (q + o) + (1 if kv_sharing else M) * (k + v)
+    routers, adapter = L * 2 * M * d, L * M * 2 * d * d if adapters else 0
+    total = shared + L * (attention + M * 3 * d * Fw) + routers + adapter
+    return {"total": total, "trainable": routers + adapter if adapters else total, "active": total}
+
+
+def arch_bam_counts(arch: Arch, members: int, **options) -> dict[str, int]:
+    """bam_counts for members of shape `arch` (options: adapters, parallel, kv_sharing)."""
+    return bam_counts(vocab_size=arch.vocab, hidden_size=arch.d, intermediate_size=arch.ffn, num_layers=arch.layers,
+                      num_heads=arch.heads, num_kv_heads=arch.kv_heads, members=members, head_dim=arch.head_dim,
+                      tie_word_embeddings=arch.tied, qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm, **options)
 
 
 @dataclass
@@ -166,13 +200,33 @@ def make_plan(source: str, *, experts: int, gpus: int = 8, gpu_mem_gib: float = 
                    stitch_layers=stitches)
     infer = Phase("inference (BTS)", total_bts, 0, stitch.active, 0, arch.per_layer, member_fwd, stitch_fwd,
                   stitch_attn, 0, stitch_layers=stitches, kv_cache_layers=L + n * last_e2h)
-    phases = [seed, expert, stitch, infer]
+    phases = [seed, expert, stitch, infer, *bam_phases(arch, n, attn)]
     for ph in phases:
         _memory(ph, arch, n, gpus, seq, micro_batch, gpu_mem_gib, checkpoint_members and ph is stitch)
     return {"source": str(source), "arch": arch, "experts": n, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "seq": seq,
             "micro_batch": micro_batch, "stitches": stitches, "stitch_positions": positions, "stitch_kinds": kinds,
             "stitch_params": built, "stitch_params_paper": paper, "phases": phases,
             "checkpoint_members": checkpoint_members}
+
+
+def bam_phases(arch: Arch, n: int, attn: int) -> list[Phase]:
+    """Training BAM (every weight) and BAM adapters (routers + adapters; members frozen), seed + n experts as the
+    M = n + 1 attention and FFN experts of every block, soft routing (every expert runs: active = total). A BAM
+    block holds M members' layers, so activations are kept for L·M layers and the FSDP2 unit is one BAM block."""
+    M, L = n + 1, arch.layers
+    out = []
+    for name, adapters in (("BAM training", False), ("BAM adapters training", True)):
+        c = arch_bam_counts(arch, M, adapters=adapters)
+        shared = arch.embed * (1 if arch.tied else 2) + arch.d  # embeddings, head, final norm
+        extra = L * 2 * M * arch.d + (L * M * 2 * arch.d * arch.d if adapters else 0)  # routers (+ adapters)
+        fwd = 2 * (L * M * arch.layer_matmul + arch.head + extra)
+        attention = attn * L * M
+        # BAM: weight gradients everywhere (3x); adapters: input gradients through the frozen members (2x),
+        # weight gradients for routers and adapters (3x).
+        train = 3 * (fwd + attention) if not adapters else 2 * (fwd - 2 * extra + attention) + 3 * 2 * extra
+        out.append(Phase(name, c["total"], c["trainable"], c["active"], L * M, (c["total"] - shared) // L,
+                         fwd, 0, attention, train))
+    return out
 
 
 def activation_bytes_per_layer(arch: Arch, seq: int, batch: int) -> int:
@@ -221,6 +275,9 @@ def format_plan(plan: dict) -> str:
              f"BTS: {plan['experts']} experts + seed hub, {plan['stitches']} stitch layers after blocks "
              f"{plan['stitch_positions']} ({', '.join(plan['stitch_kinds'])}): {plan['stitch_params']:,} stitch "
              f"parameters as built ({plan['stitch_params_paper']:,} = K·(2n+1)·d² as the paper counts them)",
+             f"BAM: seed + {plan['experts']} experts as the attention and FFN experts of every block, soft routing "
+             f"(every expert runs), parallel blocks; BAM adapters: members frozen, one d x d adapter per expert "
+             f"output trains with the routers",
              f"per device: G={plan['gpus']} devices of {plan['gpu_mem_gib']:g} GiB, micro-batch "
              f"{plan['micro_batch']} x seq {plan['seq']}; bf16 weights/grads, fp32 AdamW master + 2 moments; "
              + ("member blocks and stitches checkpointed in stitch training" if plan.get("checkpoint_members")

@@ -93,7 +93,7 @@ class StitchConfig:
 class BaselinesConfig:
     """Baselines of the paper (bts.baselines.registry). Trained ones use the stitch's datamix, steps and batch size."""
 
-    methods: list = field(default_factory=list)  # soup, task_arithmetic, ties, dare, btx_*, btm, routing
+    methods: list = field(default_factory=list)  # soup, task_arithmetic, ties, dare, btx_*, bam*, btm, routing
     merge_lambda: float = 1.0  # λ of task arithmetic and DARE
     ties_density: float = 0.2
     dare_drop_rate: float = 0.5
@@ -101,6 +101,9 @@ class BaselinesConfig:
     btx_lr: float = 1e-3
     btx_trainable: str = "full"  # full (BTX's finetune) | router
     routing_lr: float = 5e-4  # constant, as in the paper
+    bam_lr: float = 1e-3  # BAM trains every weight, as BTX does: BTX's lr (docs/bam.md)
+    bam_adapters_lr: float = 1e-3  # routers + identity-initialised adapters: BTX's too (docs/bam.md: measured)
+    bam_parallel: bool = True  # BAM's parallel block; false: the members' own sequential block (docs/bam.md)
 
 
 @dataclass
