@@ -27,7 +27,7 @@ The paper leaves initialisation open; `init` selects one of:
   "default"    PyTorch's default nn.Linear initialisation (what the paper's text literally specifies: nothing).
 The choice between them was measured on the demo (docs/ablations.md).
 
-Modularity (bts.pipeline.modularity) adds two things, both off on the plain path:
+Adding an expert (bts.core.surgery) adds two things, both off on the plain path:
   presence     an optional per-member, per-channel weight inside the E→H softmax, g_i ∝ p_i·exp(z_i), p ≥ 0. A newly
                added expert starts at p = 0: it gets exactly no mass and the others keep theirs, yet ∂L/∂p ≠ 0, so
                training can open it (a −∞ logit bias would be exact too, but its gradient is 0).
