@@ -400,10 +400,23 @@ def test_prompt_longer_than_the_context_is_refused():
     hub, experts = tiny_members("llama", 1, max_position_embeddings=16)
     model = BTSForCausalLM.from_members(hub, experts)
     model(input_ids=torch.randint(3, 90, (1, 16)))  # exactly the context is fine
-    with pytest.raises(BTSError, match=r"input of 17 tokens is longer than the model's context \(max_position_embeddings=16\)"):
+    with pytest.raises(BTSError, match=r"input of 17 tokens is longer than the model's context "
+                                       r"\(max_position_embeddings=16, set by member 'hub'"):
         model(input_ids=torch.randint(3, 90, (1, 17)))
     with pytest.raises(BTSError, match="longer than the model's context"):
         model.generate(input_ids=torch.randint(3, 90, (1, 12)), max_new_tokens=8, do_sample=False)
+
+
+def test_context_is_the_shortest_member_and_a_longer_input_names_it():
+    hub, _ = tiny_members("llama", 1)  # 128 positions
+    _, (short,) = tiny_members("llama", 1, max_position_embeddings=16)
+    model = BTSForCausalLM.from_members(hub, [short], names=["short"])
+    assert model.config.max_position_embeddings == 16
+    model(input_ids=torch.randint(3, 90, (1, 16)))
+    with pytest.raises(BTSError) as info:
+        model(input_ids=torch.randint(3, 90, (1, 17)))
+    msg = str(info.value)
+    assert "\n" not in msg and "max_position_embeddings=16" in msg and "member 'short'" in msg, msg
 
 
 def test_members_given_by_relative_path_reload_from_anywhere(tmp_path, monkeypatch):

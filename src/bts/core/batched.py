@@ -16,8 +16,9 @@ stack, so batching costs no second copy. Running a subset of experts (sparse inf
 active members' weights, kept until the active set changes.
 
 The math below mirrors LlamaDecoderLayer (and Mistral's, Qwen2's biases, Qwen3's q/k norms) as of transformers
-5.24; bts.core.hf.block_parameters names the weights, and tests/core/test_batched.py checks this path against the
-reference one for every supported architecture, with and without a KV cache.
+5.24 (the families marked `batched` in bts.core.families; the others run on the loop path), with each member's own
+rotary embedding; bts.core.hf.block_parameters names the weights, and tests/core/test_batched.py checks this path
+against the reference one for every batched family, with and without a KV cache.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def _rotate_half(x):
 
 
 def block_forward(block: StackedBlock, x: torch.Tensor, *, mask, position_embeddings, cache, slot: int):
-    """One decoder block for every running member. x: [M, B, T, d] -> [M, B, T, d]."""
+    """One decoder block for every running member. x: [M, B, T, d] -> [M, B, T, d]; position_embeddings: each
+    member's (cos, sin), stacked [M, B, T, hd]; mask: shared by the members (they have equal attention settings)."""
     w, meta = block.weights, block.meta
     M, B, T, d = x.shape
     hd, heads, kv_heads = meta["head_dim"], meta["heads"], meta["kv_heads"]
@@ -107,9 +109,11 @@ def block_forward(block: StackedBlock, x: torch.Tensor, *, mask, position_embedd
         k = _rms(k, w["k_norm"][:, None, None, None, :], meta["qk_eps"])
     # Fold members into heads: [M, B, T, H, hd] -> [B, M·H, T, hd]
     q, k, v = (t.permute(1, 0, 3, 2, 4).reshape(B, M * t.shape[3], T, hd) for t in (q, k, v))
-    cos, sin = (e.unsqueeze(1) for e in position_embeddings)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    # Each member's own rotary (its θ and scaling): [M, B, T, hd] -> [B, M, 1, T, hd], against [B, M, H, T, hd].
+    cos, sin = (e.transpose(0, 1).unsqueeze(2) for e in position_embeddings)
+    q, k = q.reshape(B, M, heads, T, hd), k.reshape(B, M, kv_heads, T, hd)
+    q = (q * cos + _rotate_half(q) * sin).reshape(B, M * heads, T, hd)
+    k = (k * cos + _rotate_half(k) * sin).reshape(B, M * kv_heads, T, hd)
     if cache is not None:
         k, v = cache.update(k, v, slot)
     groups = heads // kv_heads

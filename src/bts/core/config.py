@@ -71,6 +71,12 @@ class BTSConfig(CompositeConfig):
     def cache_copies(self) -> int:
         return self.num_experts + 1  # every member's layers hold a KV-cache slot
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # A cache built from this config (generate's) starts with plain layers; the model gives each member's slots
+        # that member's own kind (sliding window or full, bts.core.hf.prepare_cache), as members may differ.
+        self.layer_types = ["full_attention"] * self.num_hidden_layers
+
 
 def derive_from_base(config, copies: int) -> None:
     """Set the fields generic HF code reads (generate's KV cache, lm-eval, special tokens) on a composite config

@@ -1,10 +1,12 @@
 """The one place that touches transformers internals (pinned to 5.24; its per-layer API moves between minors).
 
-bts runs several Hugging Face decoders block by block. That needs five things transformers does not promise to
-keep stable: the decoder-layer call (5.24 renamed `past_key_values` to `cache` and dropped `cache_position`), the
-causal-mask builders, the rotary-embedding call, the attention-module slot index used by the KV cache, and the
-name of the cache field on model outputs. Everything of that kind lives here, so a new transformers release or a
-new Llama-family architecture is a change to this file only.
+bts runs several Hugging Face decoders block by block, each member as itself. That needs things transformers does
+not promise to keep stable: the decoder-layer call (5.24 renamed `past_key_values` to `cache` and dropped
+`cache_position`), the causal-mask builders, the rotary-embedding call, the KV-cache layout (one cache, a slot per
+member layer, reached through `MemberCache`), what a family's model does around its blocks (embedding multipliers,
+logit scaling and softcapping: the table in bts.core.families) and the name of the cache field on model outputs.
+Everything of that kind lives here, so a new transformers release is a change to this file, and a new family a line
+in bts.core.families.
 """
 
 from __future__ import annotations
@@ -12,23 +14,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from bts.core.families import FAMILIES, Family
 from bts.errors import BTSError
 
-# Decoder-only families whose layers share Llama's call signature and layout (model.embed_tokens, model.layers,
-# model.norm, model.rotary_emb, lm_head, layer.self_attn.layer_idx). Adding one is a line here plus a test.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 CACHE_KWARG = "cache"  # 5.0-5.23: "past_key_values"
 
 
 def check_supported(config) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    if config.model_type not in FAMILIES:
         raise BTSError(
             f"model_type '{config.model_type}' is not supported by bts (supported: {', '.join(SUPPORTED_MODEL_TYPES)})."
         )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise BTSError(f"model_type '{config.model_type}' with use_bidirectional_attention=True is not supported by "
+                       "bts (a stitched model is a causal LM).")
+
+
+def family(config) -> Family:
+    return FAMILIES[config.model_type]
 
 
 def decoder_of(causal_lm: nn.Module) -> nn.Module:
@@ -37,23 +46,76 @@ def decoder_of(causal_lm: nn.Module) -> nn.Module:
 
 
 def layer_types(config) -> list[str]:
-    """Attention type of each layer ("full_attention" / "sliding_attention"), as the mask dict is keyed."""
+    """Attention type of each layer ("full_attention" / "sliding_attention"), as the mask dict is keyed. A config
+    without layer_types slides in every block when it sets a sliding_window (MistralModel and Phi3Model build one
+    sliding mask for all blocks, and transformers' cache reads the config the same way)."""
     types = getattr(config, "layer_types", None)
-    return list(types) if types is not None else ["full_attention"] * config.num_hidden_layers
+    if types is not None:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+    return [kind] * config.num_hidden_layers
 
 
-def build_masks(config, inputs_embeds, attention_mask, cache, position_ids) -> dict:
-    """Causal masks keyed by layer type; built once and shared by every member (same positions, same shape)."""
+def mask_key(config) -> tuple:
+    """Members with equal keys get equal masks (built once per forward and shared)."""
+    return (tuple(layer_types(config)), getattr(config, "sliding_window", None), config._attn_implementation)
+
+
+def build_masks(config, inputs_embeds, attention_mask, cache, position_ids, first_slot: int | None = None) -> dict:
+    """Causal masks keyed by layer type, for a member whose layer i is cache slot first_slot + i (None: let
+    transformers find the slot in the cache, as a model of its own does)."""
+    types = layer_types(config)
     kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
                   position_ids=position_ids)
-    masks = {"full_attention": create_causal_mask(**kwargs)}
-    if "sliding_attention" in layer_types(config):
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+
+    def slot(kind):
+        if first_slot is None or cache is None:
+            return None
+        return first_slot + (types.index(kind) if kind in types else 0)
+
+    masks = {"full_attention": create_causal_mask(**kwargs, layer_idx=slot("full_attention"))}
+    if "sliding_attention" in types:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs, layer_idx=slot("sliding_attention"))
     return masks
+
+
+def embed(decoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The member's input embeddings, as its own model computes them (Gemma's √d scale lives in its embedding
+    module; Granite multiplies by embedding_multiplier)."""
+    states = decoder.embed_tokens(input_ids)
+    field = family(decoder.config).embed_multiplier
+    return states if field is None else states * getattr(decoder.config, field)
 
 
 def rotary(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
     return decoder.rotary_emb(hidden, position_ids)
+
+
+def rotaries(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """The member's own rotary embedding (its θ and scaling) keyed by layer type: Gemma 3 has one per type."""
+    types = dict.fromkeys(layer_types(decoder.config))
+    if family(decoder.config).rotary_per_type:
+        return {kind: decoder.rotary_emb(hidden, position_ids, kind) for kind in types}
+    cos_sin = decoder.rotary_emb(hidden, position_ids)
+    return dict.fromkeys(types, cos_sin)
+
+
+def context_length(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def lm_logits(causal_lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The member's LM head on its final-normed stream, with its family's logit scaling and final softcapping."""
+    config, fam = causal_lm.config, family(causal_lm.config)
+    logits = causal_lm.lm_head(hidden)
+    if fam.logits_divisor is not None:
+        logits = logits / getattr(config, fam.logits_divisor)
+    cap = getattr(config, fam.final_softcap, None) if fam.final_softcap is not None else None
+    if cap is not None:
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        logits = logits * cap
+    return logits
 
 
 def call_layer(layer, hidden, *, mask, position_embeddings, position_ids, cache, use_cache) -> torch.Tensor:
@@ -62,8 +124,57 @@ def call_layer(layer, hidden, *, mask, position_embeddings, position_ids, cache,
     return out[0] if isinstance(out, tuple) else out
 
 
+# ---- one KV cache for every member ------------------------------------------------------------------------------
+class MemberCache:
+    """Member m's view of the stitched model's cache for one forward: its layer i (attention `layer_idx` i, as in
+    the member's own model) reads and writes slot first_slot + i. Nothing on the member's modules changes, so a
+    member keeps working on its own and one model object can serve several stitched models."""
+
+    def __init__(self, cache, first_slot: int):
+        self.cache, self.first_slot = cache, first_slot
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        return self.cache.update(key_states, value_states, self.first_slot + layer_idx, *args, **kwargs)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.get_seq_length(self.first_slot + layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.cache.get_mask_sizes(query_length, self.first_slot + layer_idx)
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.cache.is_compileable
+
+
+def member_cache(cache, first_slot: int):
+    """What member layers are given as their cache: the cache itself for the hub (slots 0..L-1), else a view."""
+    return cache if cache is None or first_slot == 0 else MemberCache(cache, first_slot)
+
+
+def prepare_cache(cache, members) -> None:
+    """Give each member's slots the cache layer its own model would use: a sliding-window layer of its window where
+    it slides, a full one elsewhere. members: (first_slot, config) pairs. Filled slots are left as they are."""
+    if not isinstance(cache, DynamicCache):
+        return
+    for first, config in members:
+        window = getattr(config, "sliding_window", None)
+        for i, kind in enumerate(layer_types(config)):
+            while len(cache.layers) <= first + i:
+                cache.layers.append(DynamicLayer())
+            layer = cache.layers[first + i]
+            if layer.is_initialized:
+                continue
+            if kind == "sliding_attention":
+                if not (isinstance(layer, DynamicSlidingWindowLayer) and layer.sliding_window == window):
+                    cache.layers[first + i] = DynamicSlidingWindowLayer(sliding_window=window)
+            elif type(layer) is not DynamicLayer:
+                cache.layers[first + i] = DynamicLayer()
+
+
 def assign_cache_slots(decoder: nn.Module, first_slot: int) -> None:
-    """Point layer i of this member at cache slot first_slot + i, so one DynamicCache holds every member."""
+    """Deprecated (bts.core.model no longer uses it: it breaks the member on its own): point layer i of this
+    member at cache slot first_slot + i. Use `member_cache(cache, first_slot)` per forward instead."""
     for i, layer in enumerate(decoder.layers):
         layer.self_attn.layer_idx = first_slot + i
 
@@ -111,3 +222,21 @@ def block_meta(layer) -> dict:
     return {"head_dim": attn.head_dim, "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
             "scaling": attn.scaling, "eps": layer.input_layernorm.variance_epsilon, "act": layer.mlp.act_fn,
             "qk_eps": attn.q_norm.variance_epsilon if getattr(attn, "q_norm", None) is not None else None}
+
+
+def batchable(decoders: list) -> str | None:
+    """Why these members cannot run batched (bts.core.batched), in a few words; None if they can: a Llama-style
+    family (bts.core.families), and block by block the same shapes, attention settings and masks."""
+    kinds = {dec.config.model_type for dec in decoders}
+    not_batched = sorted(k for k in kinds if not FAMILIES[k].batched)
+    if not_batched:
+        return f"{not_batched[0]} members run on the loop path only"
+    if len(kinds) > 1 or len({mask_key(dec.config) for dec in decoders}) > 1:
+        return "the members differ in family, attention types or sliding window"
+    for layers in zip(*(dec.layers for dec in decoders)):
+        signatures = {(tuple((k, tuple(p.shape)) for k, p in block_parameters(layer).items()),
+                       tuple((k, v if k != "act" else type(v)) for k, v in block_meta(layer).items()))
+                      for layer in layers}
+        if len(signatures) > 1:
+            return "the members' blocks differ in shape or attention settings"
+    return None

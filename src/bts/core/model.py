@@ -4,10 +4,13 @@
     model.save_pretrained("stitched/")            # stitch weights + a manifest of the members, nothing else
     model = AutoModelForCausalLM.from_pretrained("stitched/")   # after `import bts`; checks member hashes
 
-Every member embeds the tokens with its own table and runs its own decoder blocks; after the chosen blocks a
-stitch layer (bts.core.stitch) mixes the residual streams. The output is the hub's final norm and LM head applied to
-the stitched hub stream. One transformers `DynamicCache` holds every member's keys and values: member m's layer i
-uses slot m·L + i, so `generate()`, beam search and cache cropping work unchanged.
+Every member runs as itself: its own embeddings (with its family's scale), rotary embedding (its θ and scaling),
+masks (its attention types and sliding window) and decoder blocks; after the chosen blocks a stitch layer
+(bts.core.stitch) mixes the residual streams. The output is the hub's final norm, LM head and logit scaling /
+softcapping applied to the stitched hub stream. One transformers `DynamicCache` holds every member's keys and values:
+member m's layer i uses slot m·L + i through a per-forward view (bts.core.hf.MemberCache; the members' modules are
+never changed, so a member still runs on its own), and `generate()`, beam search and cache cropping work unchanged.
+The context is the smallest `max_position_embeddings` among the members.
 
 Sparse inference (beyond the paper): `model.set_active_experts(["code"])` — or the top-k by gate mass on a prompt,
 `model.set_active_experts(model.top_experts(prompt_ids, k=1))` — runs only those experts: the others' blocks,
@@ -67,18 +70,27 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             head = e.lm_head.weight
             if getattr(e, "_bts_source_dir", None) and head.data_ptr() != hf.decoder_of(e).embed_tokens.weight.data_ptr():
                 e.lm_head.to("meta")
-        self._claim_cache_slots()
         self._active: list[int] | None = None  # sparse inference: indices of the experts that run (None: all)
         self._execution = "auto"  # execution paths: see set_execution
         self._checkpoint = False
         self._stacks = batched.StackCache()  # the batched path's stacked blocks, kept between forwards
+        self._batchable: dict = {}  # active set -> why those members cannot batch (None: they can)
         self._stitch_precision()
+        # The stitched model's context: the smallest among its members (rotary positions past it are garbage).
+        context, self._context_member = None, None
+        for name, member in zip(self._member_names(), self.members()):
+            length = hf.context_length(member.config)
+            if length and (context is None or length < context):
+                context, self._context_member = length, name
+        if context:
+            self.config.max_position_embeddings = context
+        # Token ids every member can embed: rows past the smallest vocabulary are padding, never produced.
+        self._shared_vocab = min(member.config.vocab_size for member in self.members())
 
-    def _claim_cache_slots(self) -> None:
-        # Frozen members can be shared between models (bts.pipeline.modularity builds models from another's members), and a
-        # member's slot depends on its position here, so a model re-claims its slots before every forward.
-        for m, expert in enumerate(self.experts):
-            hf.assign_cache_slots(expert, (m + 1) * self.config.base_config.num_hidden_layers)
+    def _member_names(self) -> list[str]:
+        if self.config.members and len(self.config.members) == self.config.num_experts + 1:
+            return [m["name"] for m in self.config.members]
+        return ["hub", *self.config.expert_names]
 
     def _stitch_precision(self) -> None:
         """Stitch parameters are master weights: fp32 for fp32 and bf16 members, fp64 for fp64 members (so a
@@ -163,6 +175,9 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         if members is not None:
             if members not in EXECUTIONS:
                 raise BTSError(f"members must be one of {', '.join(EXECUTIONS)} (got '{members}').")
+            why = self._why_not_batched(None) if members == "batched" else None
+            if why:
+                raise BTSError(f"set_execution('batched'): {why}; use 'loop' (or 'auto', which falls back to it).")
             self._execution, self._stacks = members, batched.StackCache()
         if checkpoint_members is not None:
             self._checkpoint = bool(checkpoint_members)
@@ -171,15 +186,25 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
     def execution(self) -> dict:
         return {"members": self._execution, "checkpoint_members": self._checkpoint}
 
+    def _why_not_batched(self, active) -> str | None:
+        key = tuple(active) if active is not None else None
+        if key not in self._batchable:
+            running = list(self.experts) if active is None else [self.experts[a] for a in active]
+            self._batchable[key] = hf.batchable([hf.decoder_of(self.hub), *running])
+        return self._batchable[key]
+
     def _runner(self, cache, use_cache) -> MemberRunner:
-        """This forward's execution path: loop or batched members (set_execution), checkpointed in training."""
-        self._claim_cache_slots()
+        """This forward's execution path: loop or batched members (set_execution), checkpointed in training.
+        "auto" runs on the loop path when the members cannot batch (bts.core.hf.batchable)."""
         kinds, positions = self.config.stitch_kinds, self.config.stitch_positions
         live = max(p for p, k in zip(positions, kinds) if k == E2H) if E2H in kinds else 0  # blocks the experts run
-        running = list(self.experts) if self._active is None else [self.experts[a] for a in self._active]
-        decoders = [hf.decoder_of(self.hub), *running]
-        args = dict(active=self._active, live=live, cache=cache, use_cache=use_cache)
-        if live and (self._execution == "batched" or (self._execution == "auto" and cache is not None)):
+        index = list(range(len(self.experts))) if self._active is None else list(self._active)
+        decoders = [hf.decoder_of(self.hub), *(self.experts[a] for a in index)]
+        layers = self.config.base_config.num_hidden_layers
+        slots = [0] + [(a + 1) * layers for a in index]  # expert m's layer i: cache slot (m+1)·L + i
+        args = dict(active=self._active, live=live, cache=cache, use_cache=use_cache, slots=slots)
+        wants = self._execution == "batched" or (self._execution == "auto" and cache is not None)
+        if live and wants and self._why_not_batched(self._active) is None:
             # The full set shares storage with the members (no extra copy); a subset is a copy of its members.
             blocks = self._stacks.get(decoders, (tuple(self._active or ()), live), live, share=self._active is None)
             runner = BatchedRunner(self.hub.config, decoders, blocks=blocks, **args)
@@ -193,7 +218,8 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         context = self.config.max_position_embeddings
         if context and tokens > context:  # rotary positions past training are silent garbage
             raise BTSError(f"input of {tokens} tokens is longer than the model's context "
-                           f"(max_position_embeddings={context}); shorten the prompt or max_new_tokens.")
+                           f"(max_position_embeddings={context}, set by member '{self._context_member}', the "
+                           "shortest among the members); shorten the prompt or max_new_tokens.")
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
@@ -208,6 +234,10 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         hub = hf.decoder_of(self.hub)
         past = cache.get_seq_length() if cache is not None else 0
         self._check_context(past + input_ids.shape[1])
+        if self._shared_vocab < max(m.config.vocab_size for m in self.members()) and input_ids.numel() \
+                and int(input_ids.max()) >= self._shared_vocab:
+            raise BTSError(f"token id {int(input_ids.max())} is outside the vocabulary every member shares "
+                           f"({self._shared_vocab} ids).")
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + past
         runner = self._runner(cache, use_cache)
@@ -225,7 +255,10 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = hub.norm(runner.hub_stream(states))
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.hub.lm_head(hidden).float()
+        logits = hf.lm_logits(self.hub, hidden).float()
+        if self._shared_vocab < logits.shape[-1]:  # the hub's padding rows: never produced
+            padding = torch.arange(logits.shape[-1], device=logits.device) >= self._shared_vocab
+            logits = logits.masked_fill(padding, torch.finfo(logits.dtype).min)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

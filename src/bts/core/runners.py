@@ -37,19 +37,32 @@ def run(fn, *args, **kwargs):
 
 
 class MemberRunner:
-    """The members for one forward: the hub's decoder first, then the running experts' (decoders)."""
+    """The members for one forward: the hub's decoder first, then the running experts' (decoders), each with the
+    first KV-cache slot of its layers (slots: 0 for the hub, (m+1)·L for expert m)."""
 
-    def __init__(self, hub_config, decoders: list, *, active: list[int] | None, live: int, cache, use_cache):
+    def __init__(self, hub_config, decoders: list, *, active: list[int] | None, live: int, cache, use_cache,
+                 slots: list[int] | None = None):
         self.hub_config, self.decoders, self.active = hub_config, decoders, active
         self.live = live  # expert blocks 0..live-1 run; later ones come after the last E→H stitch
         self.cache, self.use_cache = cache, use_cache
-        self.types = hf.layer_types(hub_config)
+        self.slots = slots if slots is not None else [m * hub_config.num_hidden_layers for m in range(len(decoders))]
+        self.types = [hf.layer_types(dec.config) for dec in decoders]  # per member: its own attention types
 
     def embed(self, input_ids, attention_mask, position_ids):
-        """Every running member's embeddings; also builds the masks and rotary embedding that all blocks share."""
-        states = [dec.embed_tokens(input_ids) for dec in self.decoders]
-        self.masks = hf.build_masks(self.hub_config, states[0], attention_mask, self.cache, position_ids)
-        self.rope = hf.rotary(self.decoders[0], states[0], position_ids)
+        """Every running member as its own model starts: its embeddings (with its family's scale), its masks (its
+        attention types and sliding window, sized against its own cache slots) and its rotary embedding (its θ
+        and scaling). Members with equal attention settings share one set of masks."""
+        states = [hf.embed(dec, input_ids) for dec in self.decoders]
+        if self.cache is not None:
+            hf.prepare_cache(self.cache, [(s, dec.config) for s, dec in zip(self.slots, self.decoders)])
+        self.caches = [hf.member_cache(self.cache, s) for s in self.slots]
+        built, self.masks = {}, []
+        for dec, x, slot in zip(self.decoders, states, self.slots):
+            key = hf.mask_key(dec.config)
+            if key not in built:
+                built[key] = hf.build_masks(dec.config, x, attention_mask, self.cache, position_ids, first_slot=slot)
+            self.masks.append(built[key])
+        self.ropes = [hf.rotaries(dec, x, position_ids) for dec, x in zip(self.decoders, states)]
         self.position_ids = position_ids
         return states
 
@@ -81,11 +94,12 @@ class LoopRunner(MemberRunner):
 
     def block(self, i: int, states, call=run):
         states = list(states)
-        mask = self.masks[self.types[i]]
         members = self.decoders if i < self.live else self.decoders[:1]  # dead expert blocks: not run, not cached
         for m, dec in enumerate(members):
-            step = partial(hf.call_layer, dec.layers[i], mask=mask, position_embeddings=self.rope,
-                           position_ids=self.position_ids, cache=self.cache, use_cache=self.use_cache)
+            kind = self.types[m][i]
+            step = partial(hf.call_layer, dec.layers[i], mask=self.masks[m][kind],
+                           position_embeddings=self.ropes[m][kind], position_ids=self.position_ids,
+                           cache=self.caches[m], use_cache=self.use_cache)
             states[m] = call(step, states[m])
         return states
 
@@ -107,15 +121,30 @@ class BatchedRunner(LoopRunner):
         self.stacked = True  # the states are one tensor until the first hub-only block
 
     def embed(self, input_ids, attention_mask, position_ids):
-        return torch.stack(super().embed(input_ids, attention_mask, position_ids))
+        # The members share masks and block shapes (hf.batchable); block i of all of them is cache slot i, the
+        # members folded into its heads, so the cache holds the hub's layout only.
+        states = [hf.embed(dec, input_ids) for dec in self.decoders]
+        if self.cache is not None:
+            hf.prepare_cache(self.cache, [(0, self.decoders[0].config)])
+        self.caches = [self.cache] + [hf.member_cache(self.cache, s) for s in self.slots[1:]]
+        mask = hf.build_masks(self.decoders[0].config, states[0], attention_mask, self.cache, position_ids,
+                              first_slot=0)
+        self.masks = [mask] * len(self.decoders)
+        self.ropes = [hf.rotaries(dec, x, position_ids) for dec, x in zip(self.decoders, states)]
+        # Each member's own rotary, stacked: [M, B, T, hd] per layer type.
+        self.stacked_ropes = {kind: tuple(torch.stack([r[kind][j] for r in self.ropes]) for j in range(2))
+                              for kind in self.ropes[0]}
+        self.position_ids = position_ids
+        return torch.stack(states)
 
     def block(self, i: int, states, call=run):
         if i >= self.live:
             if self.stacked:
                 states, self.stacked = list(states.unbind(0)), False
             return super().block(i, states, call)
-        step = partial(batched.block_forward, self.blocks[i], mask=self.masks[self.types[i]],
-                       position_embeddings=self.rope, cache=self.cache, slot=i)
+        kind = self.types[0][i]
+        step = partial(batched.block_forward, self.blocks[i], mask=self.masks[0][kind],
+                       position_embeddings=self.stacked_ropes[kind], cache=self.cache, slot=i)
         return call(step, states)
 
     def _experts(self, states):
