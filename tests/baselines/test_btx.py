@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import VOCAB, save_members, tiny_members, tiny_model
+from helpers import FAMILIES, VOCAB, save_members, tiny_members, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from bts.baselines.btx import (ROUTINGS, BTXRouter, btx_parameter_counts, btx_trainable_parameters, build_btx,
+from bts.baselines.btx import (ROUTINGS, BTXForCausalLM, btx_parameter_counts, btx_trainable_parameters, build_btx,
                                gumbel_temperature, load_btx, save_btx, set_btx_step)
+from bts.baselines.btx_moe import FusedExperts, ModuleExperts
 from bts.cli import main
 from bts.errors import BTSError
 
@@ -43,14 +44,51 @@ def nll(model_logits, labels):
 # ------------------------------------------------------------------- layout
 
 
-@pytest.mark.parametrize("arch, tie", [("llama", False), ("mistral", False), ("llama", True)])
+@pytest.mark.parametrize("family", FAMILIES, indirect=True)
 @pytest.mark.parametrize("routing", ROUTINGS)
-def test_identical_members_reproduce_the_dense_model(arch, tie, routing):
-    """Every expert is the seed's FFN and the routing weights sum to 1, so the MoE is the dense model."""
-    seed = tiny_model(arch, tie_word_embeddings=tie)
+def test_identical_members_reproduce_the_dense_model(family, routing):
+    """Every expert is the seed's FFN and the routing weights sum to 1, so the MoE is the dense model, in every
+    family (the family's own body, FFN form and head: Gemma's GeLU, Phi-3's fused gate_up, Granite's scaling)."""
+    seed = tiny_model(family)
     btx = build_btx(seed, [seed, seed], routing=routing)
     assert btx.config.num_local_experts == 3 and btx.config.bts_routing == routing
+    assert btx.config.base_config.model_type == family and type(btx.model) is type(seed.model)
+    assert all(isinstance(layer.mlp.experts, FusedExperts) for layer in btx.model.layers)
     assert torch.allclose(logits(btx), logits(seed), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_tied_embeddings_stay_tied(tie):
+    seed = tiny_model("llama", tie_word_embeddings=tie)
+    btx = build_btx(seed, [seed, seed])
+    assert (btx.lm_head.weight is btx.model.embed_tokens.weight) == tie
+    assert torch.allclose(logits(btx), logits(seed), atol=1e-5, rtol=0)
+
+
+def test_an_ffn_of_another_form_runs_as_its_own_module():
+    """FFNs outside the gated no-bias form (here Llama with mlp_bias) become copies of the family's FFN module."""
+    seed, experts = tiny_members("llama", 2, mlp_bias=True)
+    btx = build_btx(seed, experts)
+    assert all(isinstance(layer.mlp.experts, ModuleExperts) for layer in btx.model.layers)
+    x = torch.randn(5, seed.config.hidden_size)
+    for e, member in enumerate([seed, *experts]):
+        got = btx.model.layers[1].mlp.experts(x, torch.full((5, 1), e), torch.ones(5, 1))
+        assert torch.allclose(got, member.model.layers[1].mlp(x), atol=1e-6, rtol=0)
+    dense = build_btx(seed, [seed, seed])
+    assert torch.allclose(logits(dense), logits(seed), atol=1e-5, rtol=0)
+    counts = btx_parameter_counts(btx)
+    ffn = sum(p.numel() for p in seed.model.layers[0].mlp.parameters())
+    assert counts["total"] - counts["active"] == 4 * ffn  # top2 of 3: one idle expert per layer
+
+
+@pytest.mark.parametrize("family", FAMILIES, indirect=True)
+def test_generate_with_cache_equals_without(family):
+    seed, experts = tiny_members(family, 2)
+    for routing in ROUTINGS:
+        btx = build_btx(seed, experts, routing=routing, router_init_std=1.0)
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        cached = btx.generate(IDS, use_cache=True, **kw)
+        assert torch.equal(cached, btx.generate(IDS, use_cache=False, **kw)), routing
 
 
 @pytest.mark.parametrize("include_seed", [True, False])
@@ -205,6 +243,40 @@ def test_training_loss_is_nll_plus_btx_load_balancing(routing):
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
+def test_load_balancing_gradient_is_the_gradient_of_its_formula(routing):
+    """The aux loss reaches every router (through p, and through u where the weights are differentiable)."""
+    seed, experts = tiny_members("llama", 2)
+    btx = build_btx(seed, experts, routing=routing, router_init_std=1.0).train()
+    captured = []
+    hooks = [r.register_forward_hook(lambda m, _i, out: captured.append((m, out))) for r in btx.routers()]
+    torch.manual_seed(2)
+    out = btx(input_ids=IDS)
+    for h in hooks:
+        h.remove()
+    expected = 0.0
+    for router, (router_logits, weights, index) in captured:
+        g = torch.zeros(len(router_logits), router.num_experts).scatter(-1, index, weights)
+        expected = expected + router.num_experts * (g.mean(0) * router_logits.float().softmax(-1).mean(0)).sum()
+    weights = [r.weight for r in btx.routers()]
+    got = torch.autograd.grad(out.aux_loss, weights, retain_graph=True)
+    want = torch.autograd.grad(expected, weights)
+    for a, b in zip(got, want):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES, indirect=True)
+def test_every_family_trains(family):
+    seed, experts = tiny_members(family, 2)
+    btx = build_btx(seed, experts, routing="sampled_top1").train()
+    params = btx_trainable_parameters(btx, "full")
+    out = btx(input_ids=IDS, labels=IDS)
+    assert out.aux_loss > 0
+    out.loss.backward()
+    for name in ("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+        assert params[f"model.layers.1.{name}"].grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("trainable", ["full", "router"])
 def test_a_few_adamw_steps_reduce_the_loss(routing, trainable):
     # Members far apart with peaked outputs, so that which expert runs matters and router-only training can win.
@@ -268,7 +340,8 @@ def test_save_loads_with_plain_transformers(tmp_path, routing):
     btx = build_btx(hub, experts, routing=routing)
     save_btx(btx, tmp_path / "btx")
     config = json.loads((tmp_path / "btx" / "config.json").read_text())
-    assert config["architectures"] == ["MixtralForCausalLM"] and config["bts_routing"] == routing
+    assert config["model_type"] == "bts_btx" and config["architectures"] == ["BTXForCausalLM"]
+    assert config["bts_routing"] == routing and config["base_config"]["model_type"] == "llama"
     assert config["output_router_logits"] is True and config["router_aux_loss_coef"] == 0.01
     provenance = json.loads((tmp_path / "btx" / "bts_btx.json").read_text())
     assert [e["path"] for e in provenance["experts"]] == [hub, *experts]
@@ -282,21 +355,55 @@ def test_save_loads_with_plain_transformers(tmp_path, routing):
     torch.manual_seed(0)
     as_dict = loaded(input_ids=IDS, labels=IDS)
     assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.aux_loss)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "btx").eval()  # every routing, the first layer too
+    assert type(plain) is BTXForCausalLM and [r.top_k for r in plain.routers()] == [r.top_k for r in btx.routers()]
+    assert torch.equal(logits(plain), logits(btx))
+
+
+@pytest.mark.parametrize("family", ["gemma", "phi3", "olmo2"], indirect=True)
+def test_save_load_round_trip_beyond_mixtral_families(tmp_path, family):
+    seed, experts = tiny_members(family, 2)
+    btx = build_btx(seed, experts, routing="sampled_top1")
+    save_btx(btx, tmp_path / "btx")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "btx").eval()
+    assert type(plain) is BTXForCausalLM and plain.config.base_config.model_type == family
+    assert torch.equal(logits(plain), logits(btx))
+    assert torch.equal(logits(load_btx(tmp_path / "btx")), logits(btx))
+    with pytest.raises(BTSError, match="needs a Llama or Mistral seed"):
+        save_btx(btx, tmp_path / "mixtral", export="mixtral")
+    assert not (tmp_path / "mixtral").exists()
+
+
+@pytest.mark.parametrize("arch, routing", [("llama", "top2"), ("llama", "soft"), ("llama", "sampled_top1"),
+                                           ("mistral", "top2")])
+def test_mixtral_export_is_a_stock_mixtral_and_loads_back(tmp_path, arch, routing):
+    """export="mixtral" writes what bts wrote before bts_btx: a stock Mixtral folder (plus bts_routing), so folders
+    written by the old code load with load_btx too."""
+    hub, experts = save_members(tmp_path, arch, 2, tie_word_embeddings=routing == "soft")
+    btx = build_btx(hub, experts, routing=routing)
+    save_btx(btx, tmp_path / "m", export="mixtral")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["architectures"] == ["MixtralForCausalLM"]
+    assert config["bts_routing"] == routing
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert type(plain).__name__ == "MixtralForCausalLM"
-    if routing != "sampled_top1":
+    if routing != "sampled_top1":  # plain Mixtral has one k for all layers; BTX's soft first layer needs load_btx
+        # (a plain load runs Mixtral's grouped_mm experts kernel, which sums in another order than the expert loop)
         assert torch.allclose(logits(plain), logits(btx), atol=1e-6, rtol=0)
-    else:  # plain Mixtral has one k for all layers; BTX's soft first layer needs load_btx
-        assert plain.model.layers[0].mlp.gate.top_k == 1
-    plain.generate(IDS[:1], max_new_tokens=3, do_sample=False)
+    loaded = load_btx(tmp_path / "m")
+    assert type(loaded) is BTXForCausalLM and loaded.config.bts_routing == routing
+    assert loaded.config.base_config.model_type == "llama"  # a Mixtral folder without sliding window: Llama's body
+    assert torch.equal(logits(loaded), logits(btx))
+    assert loaded.state_dict().keys() == btx.state_dict().keys()
 
 
 def test_mixtral_checkpoint_without_bts_routing_loads_as_top2(tmp_path):
-    seed, experts = tiny_members("llama", 2)
-    btx = build_btx(seed, experts)
-    AutoModelForCausalLM.from_config(btx.config)  # the config is a plain Mixtral one
-    del btx.config.bts_routing
-    btx.save_pretrained(tmp_path / "m")
+    hub, experts = save_members(tmp_path, "llama", 2)
+    save_btx(build_btx(hub, experts), tmp_path / "m", export="mixtral")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    del config["bts_routing"]
+    path.write_text(json.dumps(config))
     assert load_btx(tmp_path / "m").config.bts_routing == "top2"
 
 
@@ -335,13 +442,7 @@ def test_bad_inputs_are_user_errors(tmp_path):
         load_btx(tmp_path)
 
 
-def test_unsupported_or_mismatched_members_are_refused():
-    q_seed, q_experts = tiny_members("qwen2", 1)
-    with pytest.raises(BTSError, match="model_type 'qwen2'"):
-        build_btx(q_seed, q_experts)
-    b_seed, b_experts = tiny_members("llama", 1, attention_bias=True)
-    with pytest.raises(BTSError, match="attention_bias=True"):
-        build_btx(b_seed, b_experts)
+def test_mismatched_members_are_refused():
     seed = tiny_model("llama")
     with pytest.raises(BTSError, match="down_proj.weight of shape"):
         build_btx(seed, [tiny_model("llama", intermediate_size=48)])
@@ -349,6 +450,11 @@ def test_unsupported_or_mismatched_members_are_refused():
         build_btx(seed, [tiny_model("llama", rms_norm_eps=1e-3)])
     with pytest.raises(BTSError, match="model_type"):
         build_btx(seed, [tiny_model("mistral")])
+    with pytest.raises(BTSError, match="export 'gguf'"):
+        save_btx(build_btx(seed, [seed]), "unused", export="gguf")
+    b_seed, b_experts = tiny_members("llama", 1, attention_bias=True)
+    with pytest.raises(BTSError, match="attention_bias=True"):
+        save_btx(build_btx(b_seed, b_experts), "unused", export="mixtral")
 
 
 # ------------------------------------------------------------------- the CLI
@@ -360,7 +466,7 @@ def test_cli_builds_refuses_and_writes_nothing_on_error(tmp_path, capsys):
     out = tmp_path / "btx"
     argv = ["btx", "--seed", hub, "--experts", *experts, "--out", str(out), "--routing", "sampled_top1"]
     assert main(argv) == 0
-    assert "sampled_top1 with 3 experts" in capsys.readouterr().out
+    assert "sampled_top1 (bts_btx) with 3 experts" in capsys.readouterr().out
     assert (out / "tokenizer.json").read_text() == "{}"
     first = load_file(out / "model.safetensors")
     model = load_btx(out)
@@ -378,6 +484,10 @@ def test_cli_builds_refuses_and_writes_nothing_on_error(tmp_path, capsys):
     assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert main(["btx", "--seed", hub, "--experts", *experts, "--out", str(bad), "--no-seed-expert"]) == 0
     assert load_btx(bad).config.num_local_experts == 2
+    mixtral = tmp_path / "mixtral"
+    assert main(["btx", "--seed", hub, "--experts", *experts, "--out", str(mixtral), "--mixtral"]) == 0
+    assert json.loads((mixtral / "config.json").read_text())["model_type"] == "mixtral"
+    assert torch.equal(logits(load_btx(mixtral)), logits(build_btx(hub, experts)))  # seeded: the same top2 model
 
 
 # ------------------------------------------------------------------- against mergekit 0.1.5

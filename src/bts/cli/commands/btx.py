@@ -1,7 +1,8 @@
 """`bts btx --seed DIR --experts DIR... --out DIR`: build an untrained BTX mixture-of-experts and save it.
 
-The output is a stock Mixtral folder (AutoModelForCausalLM loads it; sampled_top1 needs bts.baselines.btx.load_btx
-for its soft first layer). The MoE finetune itself runs through the shared training loop.
+The output is a bts_btx folder (the seed's own architecture, any family, with MoE FFNs; AutoModelForCausalLM loads it
+after `import bts.baselines.btx`, and bts.baselines.btx.load_btx loads it too); `--mixtral` writes a stock Mixtral
+folder instead (Llama / Mistral seeds only). The MoE finetune itself runs through the shared training loop.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-init-std", type=float, default=None,
                    help="std of the random router init (default: the seed's initializer_range)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the router init (default 0)")
+    p.add_argument("--mixtral", action="store_true",
+                   help="write a stock Mixtral checkpoint (Llama / Mistral seeds) instead of the bts_btx format")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
 
 
@@ -37,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         raise BTSError(f"out '{out}' already exists and is not empty (use --force to replace it).")
     model = build_btx(args.seed, args.experts, include_seed=not args.no_seed_expert, routing=args.routing,
                       router_init_std=args.router_init_std, seed_rng=args.random_seed)
-    save_btx(model, out, force=args.force)
+    save_btx(model, out, force=args.force, export="mixtral" if args.mixtral else "bts")
     counts = btx_parameter_counts(model)
-    print(f"wrote BTX {args.routing} with {model.config.num_local_experts} experts to {out}: "
+    form = "a Mixtral checkpoint" if args.mixtral else "bts_btx"
+    print(f"wrote BTX {args.routing} ({form}) with {model.config.num_local_experts} experts to {out}: "
           f"{counts['total']:,} parameters, {counts['active']:,} active per token")
     return 0
