@@ -44,7 +44,7 @@ def nll(model_logits, labels):
 # ------------------------------------------------------------------- layout
 
 
-@pytest.mark.parametrize("family", FAMILIES, indirect=True)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_identical_members_reproduce_the_dense_model(family, routing):
     """Every expert is the seed's FFN and the routing weights sum to 1, so the MoE is the dense model, in every
@@ -81,7 +81,7 @@ def test_an_ffn_of_another_form_runs_as_its_own_module():
     assert counts["total"] - counts["active"] == 4 * ffn  # top2 of 3: one idle expert per layer
 
 
-@pytest.mark.parametrize("family", FAMILIES, indirect=True)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_cache_equals_without(family):
     seed, experts = tiny_members(family, 2)
     for routing in ROUTINGS:
@@ -264,7 +264,7 @@ def test_load_balancing_gradient_is_the_gradient_of_its_formula(routing):
         assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES, indirect=True)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_trains(family):
     seed, experts = tiny_members(family, 2)
     btx = build_btx(seed, experts, routing="sampled_top1").train()
@@ -360,7 +360,7 @@ def test_save_loads_with_plain_transformers(tmp_path, routing):
     assert torch.equal(logits(plain), logits(btx))
 
 
-@pytest.mark.parametrize("family", ["gemma", "phi3", "olmo2"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma", "phi3", "olmo2"])
 def test_save_load_round_trip_beyond_mixtral_families(tmp_path, family):
     seed, experts = tiny_members(family, 2)
     btx = build_btx(seed, experts, routing="sampled_top1")

@@ -36,6 +36,13 @@ class MemberSetConfig(CompositeConfig):
         if self.members is not None:
             self.num_members = len(self.members)
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # generate() sizes a cache from this config, which the composites never fill (BTM keeps one cache per member,
+        # each of the member's own kind; routing hands decoding to the member): plain layers, so no sliding-window
+        # field of the base (Gemma 2/3) is needed here.
+        self.layer_types = ["full_attention"] * self.num_hidden_layers
+
 
 class CompositeModel(PreTrainedModel, GenerationMixin):
     """Frozen members (seed first) behind one model; subclasses add what they own (a prior, a router)."""
