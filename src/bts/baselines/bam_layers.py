@@ -154,13 +154,17 @@ class BAMFFN(Mixture):
 
 
 class Router(nn.Linear):
-    """A soft router d -> M (bias-free); its own class so weight init can tell it from the LM head."""
+    """A soft router d -> M (bias-free): forward gives the routing weights softmax(R x) [B, T, M], computed in at
+    least fp32 (fp64 in fp64 models). Its own class so weight init can tell it from the LM head."""
+
+    def forward(self, x):
+        dtype = _compute_dtype(x)
+        return F.linear(x.to(dtype), self.weight.to(dtype)).softmax(dim=-1)
 
 
 def mix(router: Router, x_normed, outputs, record: list | None):
     """Soft routing: sum_m softmax(R x)_m * outputs[m]; the weights [B, T, M] are appended to `record`."""
-    dtype = _compute_dtype(x_normed)  # fp32 routing (fp64 in fp64 models)
-    weights = F.linear(x_normed.to(dtype), router.weight.to(dtype)).softmax(dim=-1)
+    weights = router(x_normed)  # a module call: hooks (FSDP2, the float64 checks) see it
     if record is not None:
         record.append(weights.detach())
     return (weights.permute(2, 0, 1).unsqueeze(-1).to(outputs.dtype) * outputs).sum(0)
