@@ -2,8 +2,8 @@
 
 Members are ordinary Hugging Face causal LMs given as a local directory, a hub id (resolved from the local cache
 only when offline) or an already loaded model. Before anything is built or written, every member is checked
-against the hub: same model_type, hidden size, layer count, vocabulary and tokenizer. A mismatch is a one-sentence
-`BTSError` naming the field and both values.
+against the hub for what the stitch needs (check_compatible): same model_type, hidden size, layer count and token
+ids. A mismatch is a one-sentence `BTSError` naming the member, the field and both values.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from torch import nn
 from bts.core import hf
 from bts.errors import BTSError
 
-CHECKED_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")  # what fingerprints a tokenizer
 # Written with a model so that it reads and writes its members' tokens: the above and their side files.
@@ -130,7 +129,39 @@ def tokenizer_fingerprint(model_dir: str | None) -> str | None:
     return digest.hexdigest() if found else None
 
 
+def tokenizer_vocab(model_dir: str | None) -> dict | None:
+    """A member's token → id map, read from its tokenizer.json or vocab.json (None: neither is readable)."""
+    if model_dir is None:
+        return None
+    folder = Path(model_dir)
+    try:
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        if (folder / "vocab.json").is_file():
+            import json
+
+            return json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer is treated as unknown
+        return None
+    return None
+
+
+# What the stitch needs of every member, with why (the end of the one-line refusal).
+STITCH_NEEDS = {
+    "model_type": "all members must share one architecture",
+    "hidden_size": "the stitch layers mix residual streams of one width",
+    "num_hidden_layers": "the stitch placement needs equal layer counts",
+}
+
+
 def check_compatible(hub: Member, experts: list[Member]) -> None:
+    """Members must be able to share residual streams (one architecture, hidden size and layer count) and token ids:
+    the same tokenizer files, or the same vocabulary with extra padding rows (more embedding rows than tokens; the
+    stitched model never produces a padding row, bts.core.model). Rotary θ and scaling, context, attention settings
+    and dtype may differ: every member runs as itself. Anything else is refused in one line naming the member, the
+    field and both values."""
     if not experts:
         raise BTSError("experts: at least one expert is needed (n = 0 given).")
     names = [hub.name] + [e.name for e in experts]
@@ -138,15 +169,25 @@ def check_compatible(hub: Member, experts: list[Member]) -> None:
         raise BTSError(f"member names must be unique (got {names}).")
     hub_tok = tokenizer_fingerprint(hub.path)
     for e in experts:
-        for field in CHECKED_FIELDS:
+        for field, why in STITCH_NEEDS.items():
             a, b = getattr(hub.model.config, field, None), getattr(e.model.config, field, None)
             if a != b:
-                raise BTSError(f"expert '{e.name}' has {field}={b} but the hub has {field}={a}; "
-                               "all members must share one architecture.")
+                raise BTSError(f"expert '{e.name}' has {field}={b} but the hub has {field}={a}; {why}.")
         tok = tokenizer_fingerprint(e.path)
-        if hub_tok is not None and tok is not None and tok != hub_tok:
-            raise BTSError(f"expert '{e.name}' has a different tokenizer from the hub ('{e.path}' vs '{hub.path}'); "
-                           "all members must share one tokenizer.")
+        same_files = hub_tok is not None and tok == hub_tok
+        if hub_tok is not None and tok is not None and not same_files:
+            vocab = tokenizer_vocab(e.path)
+            if vocab is None or vocab != tokenizer_vocab(hub.path):
+                raise BTSError(f"expert '{e.name}' has a different tokenizer from the hub ('{e.path}' vs "
+                               f"'{hub.path}'); all members must share one tokenizer.")
+            same_files = True  # the same vocabulary, other files (e.g. a different chat template)
+        a, b = hub.model.config.vocab_size, e.model.config.vocab_size
+        if a != b:
+            tokens = len(tokenizer_vocab(hub.path) or {}) if same_files else 0
+            if not same_files or not tokens or tokens > min(a, b):
+                raise BTSError(f"expert '{e.name}' has vocab_size={b} but the hub has vocab_size={a}; members "
+                               "need the same token ids (a different vocab_size is accepted only as padding rows "
+                               "beyond one shared tokenizer's vocabulary).")
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -9,7 +9,9 @@ from bts.errors import BTSError
 from bts.core.members import weights_sha256
 from bts.core.stitch import E2H
 
-HELP = "print members, stitch layout, trainable vs frozen parameters and memory estimates of a stitched model"
+HELP = ("print members (and how their settings differ), stitch layout, trainable vs frozen parameters and memory "
+        "estimates of a stitched model")
+SETTINGS = ("rope", "context", "dtype", "vocab rows", "window")
 
 
 def add_arguments(p):
@@ -58,6 +60,7 @@ def run(args):
             problems.append(f"'{m['name']}' has changed")
         shown = f"{count:,}" if count is not None else "–"
         print(f"  {m['name']:<16} {shown:>14} params (frozen)  {m['path']}  sha256 {str(m.get('sha256'))[:12]}{state}")
+    _member_settings(root, cfg["members"])
     print("stitch layers:")
     with safe_open(root / "stitch.safetensors", "pt") as fh:
         shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
@@ -89,3 +92,44 @@ def _prod(shape):
     for s in shape:
         n *= s
     return n
+
+
+def _rope(config: dict) -> str:
+    """A member's rotary embedding in a few characters: θ, type and factor (per layer type where it has several)."""
+    params = config.get("rope_parameters")
+    if params is None:  # older configs: rope_theta and rope_scaling
+        params = {"rope_theta": config.get("rope_theta"), **(config.get("rope_scaling") or {})}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return ", ".join(f"{kind.split('_')[0]}: {_rope({'rope_parameters': p})}" for kind, p in params.items())
+    kind = params.get("rope_type") or params.get("type") or "default"
+    theta = params.get("rope_theta")
+    out = f"θ={theta:g}" if isinstance(theta, (int, float)) else "θ=?"
+    out += f" {kind}" if kind == "default" else f" {kind}×{params.get('factor', '?')}"
+    return out
+
+
+def _member_settings(root: Path, members: list) -> None:
+    """What each member runs with (its own rotary, context, dtype, vocabulary rows, sliding window); a * marks a
+    value that differs from the hub's. The stitched model's context is the shortest member's."""
+    rows = []
+    for m in members:
+        path = Path(m["path"]) if Path(m["path"]).is_absolute() else root / m["path"]
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        rows.append((m["name"], {"rope": _rope(config), "context": config.get("max_position_embeddings"),
+                                 "dtype": config.get("dtype") or config.get("torch_dtype"),
+                                 "vocab rows": config.get("vocab_size"), "window": config.get("sliding_window")}))
+    if not rows:
+        return
+    hub = rows[0][1]
+    print("member settings (each member runs with its own; * differs from the hub):")
+    for name, values in rows:
+        shown = "  ".join(f"{key} {values[key] if values[key] is not None else '–'}{'*' if values[key] != hub[key] else ''}"
+                          for key in SETTINGS)
+        print(f"  {name:<16} {shown}")
+    known = [(v["context"], name) for name, v in rows if isinstance(v["context"], int)]
+    if known:
+        context, name = min(known)
+        print(f"context: {context:,} tokens (the shortest member's, '{name}')")
