@@ -235,3 +235,15 @@ def test_members_differing_in_rope_and_context_are_accepted_and_inspect_lists_ho
     assert "hub              rope θ=1e+06 default  context 128  dtype float32  vocab rows 97" in out, out
     assert "math             rope θ=10000 linear×2.0*  context 64*" in out, out
     assert "context: 64 tokens (the shortest member's, 'math')" in out, out
+
+
+@torch.no_grad()
+def test_members_in_different_dtypes_each_keep_their_own():
+    hub, (expert,) = tiny_members("llama", 1)
+    hub.to(torch.bfloat16)
+    model = open_stitches(BTSForCausalLM.from_members(hub, [expert]).eval(), scale=0.1)
+    assert {p.dtype for p in model.experts[0].parameters()} == {torch.float32}
+    ids = random_ids(1, 6)
+    assert torch.isfinite(model(ids).logits).all()
+    out = model.generate(ids, max_new_tokens=6, **GREEDY)  # "auto": the loop, as the dtypes differ
+    assert torch.equal(out, model.generate(ids, max_new_tokens=6, use_cache=False, **GREEDY))

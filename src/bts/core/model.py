@@ -203,7 +203,8 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         layers = self.config.base_config.num_hidden_layers
         slots = [0] + [(a + 1) * layers for a in index]  # expert m's layer i: cache slot (m+1)·L + i
         args = dict(active=self._active, live=live, cache=cache, use_cache=use_cache, slots=slots)
-        wants = self._execution == "batched" or (self._execution == "auto" and cache is not None)
+        wants = self._execution == "batched" or (self._execution == "auto" and cache is not None
+                                                  and len({next(d.parameters()).dtype for d in decoders}) == 1)
         if live and wants and self._why_not_batched(self._active) is None:
             # The full set shares storage with the members (no extra copy); a subset is a copy of its members.
             blocks = self._stacks.get(decoders, (tuple(self._active or ()), live), live, share=self._active is None)

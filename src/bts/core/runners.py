@@ -72,8 +72,8 @@ class MemberRunner:
         raise NotImplementedError
 
     def stitch(self, stitch, states, call=run):
-        """The stitch layer on the streams, in fp32; the streams go back to the members' dtype."""
-        dtype = states[0].dtype
+        """The stitch layer on the streams, in fp32; each stream goes back to its member's dtype."""
+        dtype = [s.dtype for s in states] if isinstance(states, list) else states.dtype
         experts = self._experts(states)
         hub, experts = at_least_fp32(states[0]), at_least_fp32(experts)
         hub, experts = call(stitch, hub, experts, active=self.active)
@@ -107,7 +107,7 @@ class LoopRunner(MemberRunner):
         return torch.stack(states[1:])
 
     def _join(self, hub, experts, dtype):
-        return [hub.to(dtype)] + [e.to(dtype) for e in experts.unbind(0)]
+        return [hub.to(dtype[0])] + [e.to(d) for e, d in zip(experts.unbind(0), dtype[1:])]
 
 
 class BatchedRunner(LoopRunner):
