@@ -247,3 +247,19 @@ def test_members_in_different_dtypes_each_keep_their_own():
     assert torch.isfinite(model(ids).logits).all()
     out = model.generate(ids, max_new_tokens=6, **GREEDY)  # "auto": the loop, as the dtypes differ
     assert torch.equal(out, model.generate(ids, max_new_tokens=6, use_cache=False, **GREEDY))
+
+
+@torch.no_grad()
+def test_a_mistral_window_without_layer_types_slides_in_every_block():
+    from bts.core import hf
+
+    hub, experts = tiny_members("mistral", 2, sliding_window=4)
+    assert hf.layer_types(hub.config) == ["sliding_attention"] * 4  # as MistralModel masks it
+    model = BTSForCausalLM.from_members(hub, experts).eval()
+    ids = random_ids(2, 12)
+    assert torch.equal(model(ids).logits, hub(ids).logits)
+    prompt = random_ids(1, 6)
+    for execution in ("loop", "batched"):
+        model.set_execution(execution)
+        assert torch.equal(model.generate(prompt, max_new_tokens=10, **GREEDY),
+                           hub.generate(prompt, max_new_tokens=10, **GREEDY))
