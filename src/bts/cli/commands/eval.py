@@ -61,6 +61,7 @@ def load_model_and_tokenizer(model_dir: str, tokenizer: str | None, dtype: str, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import bts  # noqa: F401  (registers the "bts" model type)
+    import bts.baselines.registry  # noqa: F401  (and the baselines' own: bts_btx, bts_btm, bts_routed, bts_bam)
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():

@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import bts.baselines.registry  # noqa: F401  (registers the baselines' model types: bts_btx, bts_btm, …)
     from bts.eval.downstream.lmeval import cli
 
     return cli(args.lm_eval_args)
