@@ -117,3 +117,9 @@ def test_the_checker_sees_lazy_relative_and_submodule_imports():
     found = imports_of("bts.core.model", source)
     assert found == {"bts.core.hf", "bts.faults", "bts.pipeline.run", "bts.report"}
     assert {d for d in found if rank(d) > rank("bts.core.model")} == {"bts.pipeline.run", "bts.report"}
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by basename (rootdir mode): two test_x.py in different folders cannot both load."""
+    names = [p.name for p in (SRC.parents[1] / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
