@@ -33,7 +33,8 @@ MOVED = {
 MOVED_NAMES = {
     "bts.data": {**dict.fromkeys(("Batcher", "eval_windows", "interleave", "tokenize_stream"), "bts.data.streams"),
                  "heldout_loss": "bts.eval.heldout"},
-    "bts.train": dict.fromkeys(("train", "TrainResult", "lr_at", "make_optimizer", "default_loss"), "bts.train.loop"),
+    "bts.train": {**dict.fromkeys(("train", "TrainResult", "lr_at", "make_optimizer", "default_loss", "KEEP_CHECKPOINTS"),
+                                  "bts.train.loop"), "TrainConfig": "bts.train.config"},
     "bts.pipeline": {"Run": "bts.pipeline.run", "STAGES": "bts.pipeline.run", "PARALLEL_STAGES": "bts.pipeline.run",
                      "gate_summary": "bts.eval.gates", "count_params": "bts.pipeline.loaders",
                      "WRITE_ERRNOS": "bts.pipeline.rundir", "log": "bts.pipeline.rundir"},
