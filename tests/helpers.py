@@ -106,3 +106,16 @@ def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([text], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@torch.no_grad()
+def assert_causal(model, ids, positions):
+    """Changing token t+1 leaves the logits at 0..t as they were (≤ 1e-5: batched kernels may differ by rounding)
+    and does reach position t+1."""
+    base = model(ids).logits
+    for t in positions:
+        changed = ids.clone()
+        changed[0, t + 1] = (changed[0, t + 1] + 7) % VOCAB
+        out = model(changed).logits
+        assert (out[:, : t + 1] - base[:, : t + 1]).abs().max() <= 1e-5
+        assert (out[:, t + 1] - base[:, t + 1]).abs().max() > 1e-4  # the change does reach position t+1
