@@ -172,13 +172,6 @@ def prepare_cache(cache, members) -> None:
                 cache.layers[first + i] = DynamicLayer()
 
 
-def assign_cache_slots(decoder: nn.Module, first_slot: int) -> None:
-    """Deprecated (bts.core.model no longer uses it: it breaks the member on its own): point layer i of this
-    member at cache slot first_slot + i. Use `member_cache(cache, first_slot)` per forward instead."""
-    for i, layer in enumerate(decoder.layers):
-        layer.self_attn.layer_idx = first_slot + i
-
-
 def new_cache(config) -> DynamicCache:
     return DynamicCache(config=config)
 
