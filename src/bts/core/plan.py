@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from bts.errors import BTSError
+from bts.core.shipped import SHIPPED_CONFIGS, shipped_dir, shipped_names  # noqa: F401 (re-exported)
 from bts.core.stitch import E2H, StitchLayer, stitch_kinds, stitch_positions
 
 GIB = 2**30
@@ -59,28 +60,30 @@ class Arch:
         return 2 * (self.layers * self.layer_matmul + self.head)
 
 
-# Shapes shipped with bts, usable by name: `bts plan paper-2.7b --experts 3` (the seed docs/method.md §4
-# reconciles it) and `bts plan llama-3.1-8b …` (Llama-3.1-8B's published shape). Configs only, no weights.
-SHIPPED_CONFIGS = Path(__file__).parent.parent / "configs"
+# Shapes shipped with bts (bts.core.shipped), usable by name or published hub id: `bts plan paper-2.7b --experts 3`
+# (the seed docs/method.md §4 reconciles it), `bts plan llama-3.1-8b …`, `bts plan Qwen/Qwen2.5-1.5B …`.
 
 
-def load_arch(source: str) -> Arch:
-    """An Arch from a model directory, a config.json or a shipped shape's name (only the config is read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_arch(source) -> Arch:
+    """An Arch from a model directory, a config.json, a shipped shape's name or hub id, or a transformers config
+    object (only the config is read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-    path = Path(source)
-    if not path.exists() and (SHIPPED_CONFIGS / source / "config.json").exists():
-        path = SHIPPED_CONFIGS / source
-    if not path.exists():
-        shipped = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.iterdir() if p.is_dir()))
-        raise BTSError(f"CONFIG_OR_MODEL '{source}' is neither a model directory, a config file nor a shipped "
-                       f"shape ({shipped}).")
-    if path.is_dir() and not (path / "config.json").exists():
-        raise BTSError(f"CONFIG_OR_MODEL '{source}' has no config.json.")
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise BTSError(f"CONFIG_OR_MODEL '{source}' is not a readable transformers config ({exc}).") from exc
+    if isinstance(source, PretrainedConfig):
+        config = source
+    else:
+        path = Path(source)
+        if not path.exists() and shipped_dir(str(source)) is not None:
+            path = shipped_dir(str(source))
+        if not path.exists():
+            raise BTSError(f"CONFIG_OR_MODEL '{source}' is neither a model directory, a config file, a recipe nor a "
+                           f"shipped shape ({', '.join(shipped_names())}).")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise BTSError(f"CONFIG_OR_MODEL '{source}' has no config.json.")
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise BTSError(f"CONFIG_OR_MODEL '{source}' is not a readable transformers config ({exc}).") from exc
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -160,8 +163,10 @@ def stitch_counts(arch: Arch, n: int, k: int, init: str = "blend") -> tuple[int,
     return built, k * (2 * n + 1) * arch.d * arch.d, kinds, positions
 
 
-def make_plan(source: str, *, experts: int, gpus: int = 8, gpu_mem_gib: float = 80.0, seq: int = 4096,
-              micro_batch: int = 1, stitches: int = 4, checkpoint_members: bool = False) -> dict:
+def make_plan(source, *, experts: int, gpus: int = 8, gpu_mem_gib: float = 80.0, seq: int = 4096,
+              micro_batch: int = 1, stitches: int = 4, checkpoint_members: bool = False, label: str = "") -> dict:
+    """The plan of every phase for `experts` experts of shape `source` (see load_arch); `label` names the model
+    in the output (default: source)."""
     for name, value, low in (("--experts", experts, 1), ("--gpus", gpus, 1), ("--seq", seq, 1),
                              ("--micro-batch", micro_batch, 1), ("--stitches", stitches, 1)):
         if value < low:
@@ -203,7 +208,7 @@ def make_plan(source: str, *, experts: int, gpus: int = 8, gpu_mem_gib: float = 
     phases = [seed, expert, stitch, infer, *bam_phases(arch, n, attn)]
     for ph in phases:
         _memory(ph, arch, n, gpus, seq, micro_batch, gpu_mem_gib, checkpoint_members and ph is stitch)
-    return {"source": str(source), "arch": arch, "experts": n, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "seq": seq,
+    return {"source": label or str(source), "arch": arch, "experts": n, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "seq": seq,
             "micro_batch": micro_batch, "stitches": stitches, "stitch_positions": positions, "stitch_kinds": kinds,
             "stitch_params": built, "stitch_params_paper": paper, "phases": phases,
             "checkpoint_members": checkpoint_members}

@@ -68,6 +68,7 @@ class SeedConfig:
 @dataclass
 class ExpertsConfig:
     domains: list = field(default_factory=list)  # empty: one expert per data domain
+    paths: dict = field(default_factory=dict)  # domain -> model dir or hub id: given experts, used as they are
     # False: continue pretraining the transformer blocks only, keeping the seed's embeddings and LM head. BTS never
     # uses an expert's head, so what an expert learns there is lost to the stitched model (docs/ablations.md).
     train_embeddings: bool = True
@@ -133,6 +134,7 @@ class Recipe:
     name: str = "custom"
     seed: int = 0
     run_dir: str = ""  # empty: runs/<name>
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seed_model: SeedConfig = field(default_factory=SeedConfig)
@@ -341,10 +343,12 @@ def builtin_recipes() -> list[str]:
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     """A recipe by built-in name (demo, smoke, …) or YAML path, with dotted overrides applied, checked."""
     path = Path(name_or_path)
-    if not path.suffix and name_or_path in builtin_recipes():
+    if name_or_path in builtin_recipes() and not path.is_file():  # names may hold dots (qwen2.5-…)
         text = resources.files("bts.recipes").joinpath(f"{name_or_path}.yaml").read_text()
     elif path.is_file():
         text = path.read_text()
+    elif path.parent.name == "recipes" and path.suffix == ".yaml" and path.stem in builtin_recipes():
+        text = resources.files("bts.recipes").joinpath(path.name).read_text()  # recipes/<built-in>.yaml, as docs name them
     else:
         raise BTSError(f"recipe '{name_or_path}' is neither a YAML file nor a built-in recipe "
                        f"({', '.join(builtin_recipes())}).")
