@@ -25,6 +25,7 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+from bts.pipeline.given import check_given_models
 from bts.pipeline.rundata import RunData, load_run_data
 from bts.pipeline.stages import PARALLEL_STAGES, STAGES, run_stages
 
@@ -35,6 +36,7 @@ class Run(RunData):
     def all(self, only: list[str] | None = None) -> dict | None:
         """Run the stages (all, or `only`: names from STAGES plus expert:<domain>) in order; results.json's
         content when there is one."""
+        check_given_models(self.recipe, only)  # given models that are not there: one sentence, nothing written
         return run_stages(self, only)
 
 
