@@ -158,7 +158,13 @@ def check(args):
     yield (f"peak memory: {memory}")
     model.eval()
 
-    # 3. generate with the KV cache: stitched against the hub alone
+    # 3. generate with the KV cache: stitched against the hub alone (skipped when the budget is spent, so the check
+    # always ends with its summary inside the time it was given)
+    if time.perf_counter() - t0 > args.max_seconds:
+        yield f"generate: skipped, {time.perf_counter() - t0:.0f} s spent of --max-seconds {args.max_seconds:g}"
+        yield (f"summary: partial in {time.perf_counter() - t0:.0f} s on {device}: forward ratio {forward_ratio:.2f}, "
+               f"step/forward {step_ratio:.2f}, generate skipped, peak/plan {mem_ratio}")
+        return
     prompt = ids[:1, : min(seq, 128)]
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
               pad_token_id=0)
@@ -181,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated (default 128)")
+    p.add_argument("--max-seconds", type=float, default=200.0,
+                   help="skip generation when the check has used this much wall time (default 200)")
     args = p.parse_args(argv)
     try:
         for line in check(args):

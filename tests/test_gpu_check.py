@@ -65,6 +65,6 @@ def test_with_a_gpu_reported_it_goes_for_cuda(monkeypatch):
         RuntimeError(f"built on {device} in {dtype}")))
     with pytest.raises(RuntimeError, match=r"built on cuda:0 in torch.bfloat16"):
         list(module.check(argparse.Namespace(cpu_smoke=False, device="auto", batch=8, seq=1024, repeats=5,
-                                             new_tokens=128)))
+                                             new_tokens=128, max_seconds=200.0)))
     assert [str(d) for d in devices] == ["cuda:0"]
 
