@@ -39,7 +39,8 @@ def member_config(smoke: bool):
     if smoke:
         values = {k: v for k, v in config.to_dict().items() if k not in ("layer_types", "architectures", "model_type")}
         values.update(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, max_window_layers=4)
+                      num_key_value_heads=2, vocab_size=512, max_window_layers=4, bos_token_id=1,
+                      eos_token_id=2)
         config = AutoConfig.for_model("qwen2", **values)
     return config
 

@@ -96,6 +96,13 @@ def test_each_recipe_loads_and_plans_offline_with_its_own_members(name, monkeypa
     assert f"recipe {name}: hub {hub}" in capsys.readouterr().out
 
 
+def test_a_recipe_with_a_local_hub_plans_with_that_models_own_config(tmp_path):
+    hub_dir, _ = save_members(tmp_path, "qwen2", 1)
+    plan = recipe_plan(load_recipe("qwen2.5-1.5b-code-math", [f"seed_model.path={hub_dir}"]))
+    assert (plan["arch"].d, plan["arch"].layers, plan["experts"]) == (32, 4, 2)
+    assert f"from {hub_dir}" in plan["source"]
+
+
 def test_plan_of_a_config_still_needs_experts(capsys):
     assert main(["plan", "qwen2.5-1.5b"]) == 2
     assert "--experts is required" in capsys.readouterr().err
