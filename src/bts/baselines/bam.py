@@ -64,6 +64,7 @@ from transformers import initialization as init
 from bts.baselines.bam_layers import ROLES_ATTN, BAMConfig, BAMDecoder, Mixture, Router, family
 from bts.baselines.base import Baseline, accounting, positive, run_members, train_on_stitch_mix, write_model_dir
 from bts.core import hf
+from bts.core.device import load_kwargs
 from bts.core.members import Member, check_compatible, copy_tokenizer, load_causal_lm
 from bts.core.plan import bam_counts
 from bts.errors import BTSError
@@ -298,12 +299,12 @@ def bam_counts_of(base, members: int, **options) -> dict[str, int]:
                       **options)
 
 
-def load_bam(path, dtype: torch.dtype | None = None) -> BAMForCausalLM:
+def load_bam(path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> BAMForCausalLM:
     """A saved BAM / BAM adapters folder, in eval mode (importing this module registers the Auto classes)."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise BTSError(f"BAM path '{path}' is not a model directory (no config.json).")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **load_kwargs(device))
     if not isinstance(model, BAMForCausalLM):
         raise BTSError(f"BAM path '{path}' holds model_type '{model.config.model_type}', not bts_bam.")
     return model.eval()
@@ -345,8 +346,8 @@ class BAMBaseline(Baseline):
             write_model_dir(model, run.path("models", self.name), tokenizer_from=seed)
         return {**result, **accounting(counts)}
 
-    def load(self, path, info: dict):
-        return load_bam(path), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
+    def load(self, path, info: dict, device=None, dtype=None):
+        return load_bam(path, dtype, device), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
 
 
 BASELINES = (BAMBaseline("bam", adapters=False), BAMBaseline("bam_adapters", adapters=True))

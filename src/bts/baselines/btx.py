@@ -30,6 +30,7 @@ from torch import nn
 from bts.baselines.base import Baseline, positive, run_members, train_on_stitch_mix, write_model_dir
 from bts.baselines.btx_moe import (ALPHA, ROUTINGS, BTXConfig, BTXForCausalLM, BTXRouter, FusedExperts,
                                    gumbel_temperature, load_balancing_loss, set_btx_step)
+from bts.core.device import load_kwargs
 from bts.core.members import Member, check_compatible, load_causal_lm
 from bts.errors import BTSError
 
@@ -231,7 +232,7 @@ def _from_mixtral(folder: Path, dtype: torch.dtype) -> BTXForCausalLM:
 
 
 # ---- saving and loading -----------------------------------------------------------------------------------------
-def load_btx(path, dtype: torch.dtype | None = None) -> BTXForCausalLM:
+def load_btx(path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> BTXForCausalLM:
     """Load a BTX checkpoint: the bts_btx format, or a Mixtral one (bts's export, its format before bts_btx, or a
     plain Mixtral, whose routing is inferred: k = 2 -> top2, k = E -> soft)."""
     folder = Path(path)
@@ -239,10 +240,11 @@ def load_btx(path, dtype: torch.dtype | None = None) -> BTXForCausalLM:
         raise BTSError(f"BTX path '{path}' is not a model directory (no config.json).")
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if model_type == "mixtral":
-        return _from_mixtral(folder, dtype or torch.float32)
+        model = _from_mixtral(folder, dtype or torch.float32)
+        return model if device is None else model.to(device)
     if model_type != "bts_btx":
         raise BTSError(f"BTX path '{path}' holds model_type '{model_type}', not a BTX (bts_btx or mixtral).")
-    return BTXForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32).eval()
+    return BTXForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **load_kwargs(device)).eval()
 
 
 def _as_mixtral(model: BTXForCausalLM):
@@ -314,8 +316,8 @@ class BTXBaseline(Baseline):
         return {**result, "trainable_params": counts["trainable"], "total_params": counts["total"],
                 "active_params": counts["active"]}
 
-    def load(self, path, info: dict):
-        return load_btx(path), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
+    def load(self, path, info: dict, device=None, dtype=None):
+        return load_btx(path, dtype, device), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
 
 
 BASELINES = tuple(BTXBaseline(f"btx_{routing}", routing) for routing in ROUTINGS)  # top2, sampled_top1, soft
