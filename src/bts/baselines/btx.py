@@ -30,7 +30,7 @@ from torch import nn
 from bts.baselines.base import Baseline, positive, run_members, train_on_stitch_mix, write_model_dir
 from bts.baselines.btx_moe import (ALPHA, ROUTINGS, BTXConfig, BTXForCausalLM, BTXRouter, FusedExperts,
                                    gumbel_temperature, load_balancing_loss, set_btx_step)
-from bts.core.device import load_kwargs
+from bts.core.device import load_kwargs, on_device
 from bts.core.members import Member, check_compatible, load_causal_lm
 from bts.errors import BTSError
 
@@ -81,7 +81,8 @@ def btx_config(source, n_experts: int, routing: str) -> BTXConfig:
 
 
 def build_btx(seed, experts, *, include_seed: bool = True, routing: str = "top2",
-              router_init_std: float | None = None, seed_rng: int = 0) -> BTXForCausalLM:
+              router_init_std: float | None = None, seed_rng: int = 0,
+              device: torch.device | str | None = None) -> BTXForCausalLM:
     """Mix a seed and its branched experts (HF dirs or loaded *ForCausalLM) into one untrained BTX MoE.
 
     The MoE experts are [seed, *experts] (or just `experts` with include_seed=False), in that order; their FFNs
@@ -92,10 +93,10 @@ def build_btx(seed, experts, *, include_seed: bool = True, routing: str = "top2"
         raise BTSError(f"routing '{routing}' is not one of {', '.join(ROUTINGS)}.")
     if isinstance(experts, (str, os.PathLike, nn.Module)):
         experts = [experts]
-    seed_member = Member("seed", *load_causal_lm(seed, "seed"))
+    seed_member = Member("seed", *load_causal_lm(seed, "seed", device=device))
     expert_members = []
     for i, spec in enumerate(experts):
-        model, path = load_causal_lm(spec, f"expert {i + 1}")
+        model, path = load_causal_lm(spec, f"expert {i + 1}", device=device)
         expert_members.append(Member(f"expert{i + 1}", model, path))
     check_compatible(seed_member, expert_members)
     moe = ([seed_member] if include_seed else []) + expert_members
@@ -109,7 +110,8 @@ def build_btx(seed, experts, *, include_seed: bool = True, routing: str = "top2"
     source = seed_member.model.config
     config = btx_config(source, len(moe), routing)
     dtype = next(seed_member.model.parameters()).dtype
-    model = BTXForCausalLM(config).to(dtype)
+    with on_device(device):  # built where it will train (device: default the CPU), never copied there
+        model = BTXForCausalLM(config).to(dtype)
     states = [m.model.state_dict() for m in moe]
     shared = {k: torch.stack([s[k].float() for s in states]).mean(0).to(dtype)  # averaged in fp32
               for k in states[0] if not LAYER_FFN.match(k)}
@@ -306,7 +308,7 @@ class BTXBaseline(Baseline):
         from bts.train import distributed
 
         seed, experts = run_members(run)
-        model = build_btx(seed, experts, routing=self.routing, seed_rng=run.recipe.seed)
+        model = build_btx(seed, experts, routing=self.routing, seed_rng=run.recipe.seed, device=run.device)
         trainable = btx_trainable_parameters(model, run.recipe.baselines.btx_trainable)
         counts = btx_parameter_counts(model)
         result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe),

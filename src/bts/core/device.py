@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -105,6 +105,11 @@ def load_kwargs(device: torch.device | str | None) -> dict:
     if device is None or torch.device(device).type == "cpu":
         return {}
     return {"device_map": torch.device(device)}
+
+
+def on_device(device: torch.device | str | None):
+    """Modules built inside are allocated on `device` (torch's default-device context); None: as they would be."""
+    return torch.device(device) if device is not None else nullcontext()
 
 
 def enable_fast_kernels(device: torch.device) -> None:
