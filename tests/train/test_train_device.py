@@ -105,3 +105,30 @@ def test_out_of_memory_names_the_phase_step_batch_and_what_to_lower(tmp_path):
     for hint in ("train.grad_accum", "train.batch_size", "stitch.checkpoint_members", "members_dtype"):
         assert hint in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("device, backend, expected", [
+    (torch.device("cpu"), "gloo", torch.device("cpu")),          # a recipe's device=cpu under torchrun
+    (torch.device("cuda", 0), "nccl", torch.device("cuda", 1)),  # cuda: this rank's local GPU
+    (None, "nccl", torch.device("cuda", 1)),                     # auto with a GPU
+])
+def test_torchrun_backend_follows_the_device(monkeypatch, device, backend, expected):
+    """distributed.init joins with gloo on the CPU and nccl on this rank's GPU, and every later init() (the
+    training loop's) returns the device it joined with, so nothing moves back to the CPU."""
+    import torch.distributed as dist
+
+    from bts.train import distributed
+
+    fake_gpu(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    joined = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "_joined", {})
+    assert distributed.init(device=device) == (1, 2, expected)
+    assert joined["backend"] == backend
+    assert distributed.init() == (1, 2, expected)  # the loop's call: the joined device, whatever CUDA says
