@@ -72,9 +72,10 @@ def test_launcher_passes_arguments_through(monkeypatch, tmp_path):
     monkeypatch.setattr(lmeval, "write_lm_eval_tasks", lambda tasks=None: tmp_path / "tasks")
     assert lmeval.cli(["--model", "hf", "--tasks", "bts_gsm8k_ll,arc_easy", "--limit", "2"]) == 0
     assert seen["argv"][1:] == ["--model", "hf", "--tasks", "bts_gsm8k_ll,arc_easy", "--limit", "2",
-                                "--include_path", str(tmp_path / "tasks")]
+                                "--device", "cpu", "--include_path", str(tmp_path / "tasks")]  # bts's device choice
     lmeval.cli(["--tasks", "bts_gsm8k_ll", "--include_path", "mine"])
-    assert seen["argv"][-2:] == ["--include_path", "mine"]  # an explicit path wins
+    assert seen["argv"][1:] == ["--tasks", "bts_gsm8k_ll", "--include_path", "mine", "--device", "cpu"]  # an
+    # explicit path wins
 
 
 def test_bts_lm_eval_subcommand_forwards_every_argument(monkeypatch):

@@ -29,7 +29,7 @@ def test_dotted_overrides_are_typed():
     ("experts.domains=[nope]", "experts.domains names 'nope'"),
     ("data.domains.code.source=ftp", "data.domains.code.source must be builtin, fixture, files or hf (got 'ftp')"),
     ("data.seq_len=0", "data.seq_len must be positive (got 0)"),
-    ("seed_model.train.dtype=float16", "seed_model.train.dtype must be float32 or bfloat16 (got 'float16')"),
+    ("seed_model.train.dtype=float16", "seed_model.train.dtype must be auto, float32 or bfloat16 (got 'float16')"),
     ("stitch.train.batch_size=5", "must be a multiple of grad_accum"),
     ("data.split_fractions=[1, 0, 0]", "data.split_fractions"),
     ("nonsense", "must look like key.sub=value"),
@@ -38,6 +38,9 @@ def test_dotted_overrides_are_typed():
     ("modularity.focus_weight=1", "modularity.focus_weight must be in [0, 1) (got 1"),
     ("modularity.enabled=3", "modularity.enabled must be of type bool (got 3)"),
     ("modularity.sprase=false", "did you mean 'sparse'"),
+    ("device=gpu", "device must be auto, cpu, cuda or cuda:N (got 'gpu')"),
+    ("device=cuda:x", "device must be auto, cpu, cuda or cuda:N (got 'cuda:x')"),
+    ("members_dtype=fp8", "members_dtype must be one of auto, float32, bfloat16, float16 (got 'fp8')"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     if "batch_size=5" in override:

@@ -64,6 +64,7 @@ from transformers import initialization as init
 from bts.baselines.bam_layers import ROLES_ATTN, BAMConfig, BAMDecoder, Mixture, Router, family
 from bts.baselines.base import Baseline, accounting, positive, run_members, train_on_stitch_mix, write_model_dir
 from bts.core import hf
+from bts.core.device import load_kwargs, on_device
 from bts.core.members import Member, check_compatible, copy_tokenizer, load_causal_lm
 from bts.core.plan import bam_counts
 from bts.errors import BTSError
@@ -242,15 +243,16 @@ def bam_state_dict(models: list[nn.Module], config: BAMConfig, dtype: torch.dtyp
 
 def build_bam(seed, experts, *, adapters: bool = False, parallel: bool = True, kv_sharing: bool = False,
               seed_rng: int = 0, dtype: torch.dtype | None = None,
-              router_init_std: float | None = None) -> BAMForCausalLM:
+              router_init_std: float | None = None,
+              device: torch.device | str | None = None) -> BAMForCausalLM:
     """Mix a seed and its branched experts (HF dirs, cached hub ids or loaded *ForCausalLM) into one untrained BAM.
 
     The experts of every mixture are [seed, *experts], in that order. The members are only read (their weights are
     copied), so they stay as they were. dtype: the model's dtype (default: the seed's)."""
     if isinstance(experts, (str, os.PathLike, nn.Module)):
         experts = [experts]
-    seed_member = Member("seed", *load_causal_lm(seed, "seed"))
-    members = [seed_member] + [Member(f"expert{i + 1}", *load_causal_lm(spec, f"expert {i + 1}"))
+    seed_member = Member("seed", *load_causal_lm(seed, "seed", device=device))
+    members = [seed_member] + [Member(f"expert{i + 1}", *load_causal_lm(spec, f"expert {i + 1}", device=device))
                                for i, spec in enumerate(experts)]
     check_compatible(seed_member, members[1:])
     _check_members(members)
@@ -262,7 +264,8 @@ def build_bam(seed, experts, *, adapters: bool = False, parallel: bool = True, k
                        bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
     dtype = dtype or next(seed_member.model.parameters()).dtype
     state = bam_state_dict([m.model for m in members], config, dtype, torch.Generator().manual_seed(seed_rng))
-    model = BAMForCausalLM(config).to(dtype)
+    with on_device(device):  # built where it will train (device: default the CPU), never copied there
+        model = BAMForCausalLM(config).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -298,12 +301,12 @@ def bam_counts_of(base, members: int, **options) -> dict[str, int]:
                       **options)
 
 
-def load_bam(path, dtype: torch.dtype | None = None) -> BAMForCausalLM:
+def load_bam(path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> BAMForCausalLM:
     """A saved BAM / BAM adapters folder, in eval mode (importing this module registers the Auto classes)."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise BTSError(f"BAM path '{path}' is not a model directory (no config.json).")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **load_kwargs(device))
     if not isinstance(model, BAMForCausalLM):
         raise BTSError(f"BAM path '{path}' holds model_type '{model.config.model_type}', not bts_bam.")
     return model.eval()
@@ -337,7 +340,7 @@ class BAMBaseline(Baseline):
 
         seed, experts = run_members(run)
         model = build_bam(seed, experts, adapters=self.adapters, parallel=run.recipe.baselines.bam_parallel,
-                          seed_rng=run.recipe.seed)
+                          seed_rng=run.recipe.seed, device=run.device)
         trainable = bam_trainable_parameters(model)
         counts = bam_parameter_counts(model)
         result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe))
@@ -345,8 +348,8 @@ class BAMBaseline(Baseline):
             write_model_dir(model, run.path("models", self.name), tokenizer_from=seed)
         return {**result, **accounting(counts)}
 
-    def load(self, path, info: dict):
-        return load_bam(path), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
+    def load(self, path, info: dict, device=None, dtype=None):
+        return load_bam(path, dtype, device), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
 
 
 BASELINES = (BAMBaseline("bam", adapters=False), BAMBaseline("bam_adapters", adapters=True))

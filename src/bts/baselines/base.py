@@ -6,8 +6,10 @@ them), and what they share: the run's members, training on the stitch's datamix,
     baseline.check(b, prefix)       refuses a bad value of one of those, one sentence naming the dotted key
     baseline.build(run) -> dict     makes (and, if trained, trains) it under run.path("models", name); returns what
                                     its stage marker records
-    baseline.load(path, info)       -> (the model to evaluate, its accounting: trainable_params, total_params,
-                                    active_params [+ merge])
+    baseline.load(path, info, device=None, dtype=None)
+                                    -> (the model to evaluate, its accounting: trainable_params, total_params,
+                                    active_params [+ merge]); its weights read onto `device` in `dtype`
+                                    (the run's members_dtype; default: the CPU, float32)
     baseline.budget(recipe)         the training phase it uses (TrainConfig), None when untrained; `trained` says so
 
 `run` is the pipeline's run (bts.pipeline.run.Run): recipe, path(), domains, stream(), batcher(), stitch_mix().
@@ -41,7 +43,7 @@ class Baseline:
     def build(self, run) -> dict:
         raise NotImplementedError
 
-    def load(self, path, info: dict):
+    def load(self, path, info: dict, device=None, dtype=None):
         raise NotImplementedError
 
     def budget(self, recipe):
@@ -69,7 +71,8 @@ def train_on_stitch_mix(run, name: str, model, trainable: dict, cfg, **kwargs) -
     from bts.train.loop import train
 
     batches = run.batcher(run.stitch_mix(), cfg, salt=STITCH_SALT)
-    result = train(model, trainable, batches, cfg, run.path("train", name), desc=name, seed=run.recipe.seed, **kwargs)
+    result = train(model, trainable, batches, cfg, run.path("train", name), desc=name, seed=run.recipe.seed,
+                   device=run.device, **kwargs)
     return {"tokens": result.tokens, "train_wall_s": result.wall_s, "final_loss": result.final_loss}
 
 

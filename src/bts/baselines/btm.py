@@ -118,14 +118,18 @@ class BTMEnsemble(CompositeModel):
 
     @classmethod
     def from_members(cls, members, *, names: list[str] | None = None, prior: str = "uniform",
-                     top_k: int | None = None, dev_sequences=None, dtype: torch.dtype | None = None) -> "BTMEnsemble":
-        """An ensemble of the seed and its experts (seed first): dirs, cached hub ids or loaded models.
-        prior="cached" fits the prior on `dev_sequences` (see fit_prior); "uniform" is what BTS used."""
-        loaded = load_member_set(members, names, dtype)
+                     top_k: int | None = None, dev_sequences=None, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> "BTMEnsemble":
+        """An ensemble of the seed and its experts (seed first): dirs, cached hub ids or loaded models, read onto
+        `device` in `dtype`. prior="cached" fits the prior on `dev_sequences` (see fit_prior); "uniform" is what
+        BTS used."""
+        loaded = load_member_set(members, names, dtype, device=device)
         _check_options(len(loaded), None, prior, top_k)
         if prior == "cached" and dev_sequences is None:
             raise BTSError("prior='cached' needs dev_sequences to estimate it from (got none).")
         model = cls(cls.config_for(loaded, prior_type=prior, top_k=top_k), members=[m.model for m in loaded])
+        if device is not None:
+            model.to(device)
         if prior == "cached":
             model.fit_prior(dev_sequences)
         return model
@@ -260,13 +264,14 @@ class BTMBaseline(Baseline):
         from bts.train import distributed
 
         seed, experts = run_members(run)
-        model = BTMEnsemble.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains])
+        model = BTMEnsemble.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains],
+                                         dtype=run.members_dtype, device=run.device)
         if distributed.is_main():  # under torchrun every rank builds it; rank 0 writes it
             model.save_pretrained(run.path("models", self.name))
         return {}
 
-    def load(self, path, info: dict):
-        model = BTMEnsemble.from_pretrained(path).eval()
+    def load(self, path, info: dict, device=None, dtype=None):
+        model = BTMEnsemble.from_pretrained(path, dtype=dtype, device_map=device).eval()
         return model, accounting(model.param_counts())
 
 

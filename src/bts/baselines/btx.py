@@ -30,6 +30,7 @@ from torch import nn
 from bts.baselines.base import Baseline, positive, run_members, train_on_stitch_mix, write_model_dir
 from bts.baselines.btx_moe import (ALPHA, ROUTINGS, BTXConfig, BTXForCausalLM, BTXRouter, FusedExperts,
                                    gumbel_temperature, load_balancing_loss, set_btx_step)
+from bts.core.device import load_kwargs, on_device
 from bts.core.members import Member, check_compatible, load_causal_lm
 from bts.errors import BTSError
 
@@ -80,7 +81,8 @@ def btx_config(source, n_experts: int, routing: str) -> BTXConfig:
 
 
 def build_btx(seed, experts, *, include_seed: bool = True, routing: str = "top2",
-              router_init_std: float | None = None, seed_rng: int = 0) -> BTXForCausalLM:
+              router_init_std: float | None = None, seed_rng: int = 0,
+              device: torch.device | str | None = None) -> BTXForCausalLM:
     """Mix a seed and its branched experts (HF dirs or loaded *ForCausalLM) into one untrained BTX MoE.
 
     The MoE experts are [seed, *experts] (or just `experts` with include_seed=False), in that order; their FFNs
@@ -91,10 +93,10 @@ def build_btx(seed, experts, *, include_seed: bool = True, routing: str = "top2"
         raise BTSError(f"routing '{routing}' is not one of {', '.join(ROUTINGS)}.")
     if isinstance(experts, (str, os.PathLike, nn.Module)):
         experts = [experts]
-    seed_member = Member("seed", *load_causal_lm(seed, "seed"))
+    seed_member = Member("seed", *load_causal_lm(seed, "seed", device=device))
     expert_members = []
     for i, spec in enumerate(experts):
-        model, path = load_causal_lm(spec, f"expert {i + 1}")
+        model, path = load_causal_lm(spec, f"expert {i + 1}", device=device)
         expert_members.append(Member(f"expert{i + 1}", model, path))
     check_compatible(seed_member, expert_members)
     moe = ([seed_member] if include_seed else []) + expert_members
@@ -108,7 +110,8 @@ def build_btx(seed, experts, *, include_seed: bool = True, routing: str = "top2"
     source = seed_member.model.config
     config = btx_config(source, len(moe), routing)
     dtype = next(seed_member.model.parameters()).dtype
-    model = BTXForCausalLM(config).to(dtype)
+    with on_device(device):  # built where it will train (device: default the CPU), never copied there
+        model = BTXForCausalLM(config).to(dtype)
     states = [m.model.state_dict() for m in moe]
     shared = {k: torch.stack([s[k].float() for s in states]).mean(0).to(dtype)  # averaged in fp32
               for k in states[0] if not LAYER_FFN.match(k)}
@@ -231,7 +234,7 @@ def _from_mixtral(folder: Path, dtype: torch.dtype) -> BTXForCausalLM:
 
 
 # ---- saving and loading -----------------------------------------------------------------------------------------
-def load_btx(path, dtype: torch.dtype | None = None) -> BTXForCausalLM:
+def load_btx(path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> BTXForCausalLM:
     """Load a BTX checkpoint: the bts_btx format, or a Mixtral one (bts's export, its format before bts_btx, or a
     plain Mixtral, whose routing is inferred: k = 2 -> top2, k = E -> soft)."""
     folder = Path(path)
@@ -239,10 +242,11 @@ def load_btx(path, dtype: torch.dtype | None = None) -> BTXForCausalLM:
         raise BTSError(f"BTX path '{path}' is not a model directory (no config.json).")
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if model_type == "mixtral":
-        return _from_mixtral(folder, dtype or torch.float32)
+        model = _from_mixtral(folder, dtype or torch.float32)
+        return model if device is None else model.to(device)
     if model_type != "bts_btx":
         raise BTSError(f"BTX path '{path}' holds model_type '{model_type}', not a BTX (bts_btx or mixtral).")
-    return BTXForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32).eval()
+    return BTXForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **load_kwargs(device)).eval()
 
 
 def _as_mixtral(model: BTXForCausalLM):
@@ -304,7 +308,7 @@ class BTXBaseline(Baseline):
         from bts.train import distributed
 
         seed, experts = run_members(run)
-        model = build_btx(seed, experts, routing=self.routing, seed_rng=run.recipe.seed)
+        model = build_btx(seed, experts, routing=self.routing, seed_rng=run.recipe.seed, device=run.device)
         trainable = btx_trainable_parameters(model, run.recipe.baselines.btx_trainable)
         counts = btx_parameter_counts(model)
         result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe),
@@ -314,8 +318,8 @@ class BTXBaseline(Baseline):
         return {**result, "trainable_params": counts["trainable"], "total_params": counts["total"],
                 "active_params": counts["active"]}
 
-    def load(self, path, info: dict):
-        return load_btx(path), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
+    def load(self, path, info: dict, device=None, dtype=None):
+        return load_btx(path, dtype, device), {k: info[k] for k in ("trainable_params", "total_params", "active_params")}
 
 
 BASELINES = tuple(BTXBaseline(f"btx_{routing}", routing) for routing in ROUTINGS)  # top2, sampled_top1, soft

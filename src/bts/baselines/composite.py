@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from bts.core.config import CompositeConfig
+from bts.core.device import device_from_map
 from bts.core.members import Member, freeze, member_manifest, reload_members, save_member_manifest
 from bts.errors import BTSError
 
@@ -103,17 +104,22 @@ class CompositeModel(PreTrainedModel, GenerationMixin):
             self.generation_config.save_pretrained(out)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
-        """Load a folder written by save_pretrained, refusing members whose weights changed since."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, device_map=None,
+                        **kwargs):
+        """Load a folder written by save_pretrained, refusing members whose weights changed since. device_map: one
+        device, the members read straight onto it in `dtype`."""
+        device = device_from_map(device_map)
         folder = Path(pretrained_model_name_or_path)
         for name in ("config.json", *([cls.weights_file] if cls.weights_file else [])):
             if not (folder / name).exists():
                 raise BTSError(f"'{folder}' is not a saved {cls.kind} (no {name}).")
         config = config if isinstance(config, cls.config_class) else cls.config_class.from_pretrained(folder)
-        models = reload_members(config, folder, dtype)
+        models = reload_members(config, folder, dtype, device)
         config._attn_implementation = models[0].config._attn_implementation
         model = cls(config, members=models)
         model._load_own(folder)
+        if device is not None:
+            model.to(device)
         if (folder / "generation_config.json").exists():
             from transformers import GenerationConfig
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from bts.baselines.base import Baseline, run_members, write_model_dir
+from bts.core.device import load_kwargs
 from bts.core.members import Member, check_compatible, load_causal_lm, load_config, resolve_dir
 from bts.errors import BTSError
 
@@ -107,7 +108,7 @@ def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1:
         return delta
     k = max(1, int(density * delta.numel()))  # int(), not round(): mergekit's count, so results match it exactly
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
     # Equal magnitudes at the cut are common (deltas of weights near 1.0 are float-quantised); which one survives
     # is arbitrary, so break such ties the way mergekit does (the same argsort call) to keep results comparable.
     mask[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = 1
@@ -118,7 +119,7 @@ def _drop(delta: torch.Tensor, p: float, generator: torch.Generator) -> torch.Te
     """DARE: zero each entry with probability p and scale the survivors by 1/(1−p)."""
     if p == 0:
         return delta
-    keep = torch.rand(delta.shape, generator=generator) >= p
+    keep = (torch.rand(delta.shape, generator=generator) >= p).to(delta.device)  # drawn on the CPU: device-free
     return torch.where(keep, delta / (1 - p), torch.zeros((), dtype=delta.dtype))
 
 
@@ -138,12 +139,12 @@ def merge_tensor(key: str, seed: torch.Tensor, experts: list[torch.Tensor], para
     if method == "soup":
         total = base.clone()
         for t in experts:
-            total.add_(t.to(work))
+            total.add_(t.to(base.device, work))
         return total.div_(len(experts) + 1).to(seed.dtype)
 
     deltas = []
     for i, t in enumerate(experts):
-        delta = t.to(work) - base
+        delta = t.to(base.device, work) - base
         if method == "ties":
             delta = _trim(delta, params["density"])
         elif method.startswith("dare"):
@@ -267,19 +268,27 @@ def _expert_source(spec, i: int) -> tuple[Mapping, Member]:
     return CheckpointTensors(model_dir, role), Member(f"expert{i}", SimpleNamespace(config=config), str(model_dir))
 
 
-def merge_models(seed, experts: list, method: str, *, dtype: torch.dtype | None = None, **params) -> nn.Module:
+def merge_models(seed, experts: list, method: str, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, **params) -> nn.Module:
     """Merge a seed and its experts (model directories or loaded *ForCausalLM models) into a new model.
 
-    The result is a model of the seed's class and config (weights in `dtype`, by default the seed's own). A loaded
-    seed is copied, never modified. Expert directories are read one tensor at a time.
+    The result is a model of the seed's class and config (weights in `dtype`, by default the seed's own) on
+    `device` (default: the seed's; a seed directory is read straight onto it). A loaded seed is copied, never
+    modified. Expert directories are read one tensor at a time, each moved to the device as it is merged.
     """
     settings = resolve_params(method, **params)  # fail on bad settings before loading anything
     if not experts:
         raise BTSError("experts: at least one expert is needed (n = 0 given).")
     if dtype is None and not isinstance(seed, nn.Module):
         dtype = _checkpoint_dtype(seed)
-    seed_model, seed_dir = load_causal_lm(seed, "seed", dtype=dtype)
-    out = copy.deepcopy(seed_model) if isinstance(seed, nn.Module) else seed_model
+    if isinstance(seed, nn.Module):
+        seed_model, seed_dir = load_causal_lm(seed, "seed", dtype=dtype)
+        out = copy.deepcopy(seed_model)
+        if device is not None:
+            out.to(device)
+    else:
+        seed_model, seed_dir = load_causal_lm(seed, "seed", dtype=dtype, device=device)
+        out = seed_model
     if dtype is not None:
         out.to(dtype)
     sources = [_expert_source(spec, i) for i, spec in enumerate(experts)]
@@ -353,20 +362,20 @@ class MergeBaseline(Baseline):
             windows = {d: eval_windows(run.stream(d, "val"), run.recipe.data.seq_len, 8192) for d in run.domains}
             scores = {}
             for value in grid:
-                model = merge_models(seed, experts, self.method, **{**params, key: value})
+                model = merge_models(seed, experts, self.method, device=run.device, **{**params, key: value})
                 scores[value] = sum(heldout_loss(model, w) for w in windows.values()) / len(windows)
             best = min(scores, key=scores.get)
             params[key] = best
             chosen = {"sweep": {key: {str(v): round(s, 4) for v, s in scores.items()}}, "selected_on": "val"}
-        model = merge_models(seed, experts, self.method, **params)
+        model = merge_models(seed, experts, self.method, device=run.device, **params)
         if distributed.is_main():  # under torchrun every rank builds it; rank 0 writes it
             save_merged(model, seed, run.path("models", self.name), force=True)
         return {"params": params, **chosen}
 
-    def load(self, path, info: dict):
+    def load(self, path, info: dict, device=None, dtype=None):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **load_kwargs(device)).eval()
         n = sum(p.numel() for p in model.parameters())
         record = Path(path) / "bts_merge.json"  # what save_merged wrote: the settings used
         merge = {k: v for k, v in json.loads(record.read_text()).items() if k != "members"} if record.exists() else None

@@ -180,9 +180,12 @@ class RoutedModel(CompositeModel):
 
     @classmethod
     def from_members(cls, members, *, names: list[str] | None = None, router: SequenceRouter | None = None,
-                     dtype: torch.dtype | None = None) -> "RoutedModel":
-        loaded = load_member_set(members, names, dtype)
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "RoutedModel":
+        """Frozen members (read onto `device` in `dtype`) and a router (fp32 master weights), given or fresh."""
+        loaded = load_member_set(members, names, dtype, device=device)
         model = cls(cls.config_for(loaded), members=[m.model for m in loaded])
+        if device is not None:
+            model.to(device)
         if router is not None:
             if router.proj.weight.shape != model.router.proj.weight.shape:
                 raise BTSError(f"router: shape {tuple(router.proj.weight.shape)} does not fit "
@@ -311,7 +314,8 @@ class RoutingBaseline(Baseline):
         from bts.train import distributed
 
         seed, experts = run_members(run)
-        model = RoutedModel.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains])
+        model = RoutedModel.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains],
+                                         dtype=run.members_dtype, device=run.device)
         trainable = {f"router.{k}": p for k, p in model.router.named_parameters()}
         result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe),
                                      loss_fn=routing_loss_fn)
@@ -319,8 +323,8 @@ class RoutingBaseline(Baseline):
             model.save_pretrained(run.path("models", self.name))
         return result
 
-    def load(self, path, info: dict):
-        model = RoutedModel.from_pretrained(path).eval()
+    def load(self, path, info: dict, device=None, dtype=None):
+        model = RoutedModel.from_pretrained(path, dtype=dtype, device_map=device).eval()
         return _RouteOnPrefix(model), accounting(model.param_counts())
 
 

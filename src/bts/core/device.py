@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -25,6 +25,7 @@ DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMBERS_DTYPE_CHOICES = ("auto", *DTYPES)
+TRAIN_DTYPES = {"auto": None, "float32": None, "bfloat16": torch.bfloat16}  # a phase's `dtype`: its autocast
 OOM_HINT = ("lower the micro-batch (raise train.grad_accum or lower train.batch_size), set "
             "stitch.checkpoint_members=true, or load members in bfloat16 (members_dtype=bfloat16)")
 
@@ -69,6 +70,46 @@ def members_dtype(spec: str | None, device: torch.device) -> torch.dtype:
     if spec == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[spec]
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training phase's `dtype` setting on `device`: `auto` is bfloat16 on a GPU and none
+    (every tensor keeps its dtype) on a CPU; `float32` is none; `bfloat16` is bfloat16 anywhere."""
+    if name not in TRAIN_DTYPES:
+        raise BTSError(f"train dtype must be one of {', '.join(TRAIN_DTYPES)} (got '{name}').")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return TRAIN_DTYPES[name]
+
+
+def device_from_map(device_map) -> torch.device | None:
+    """The one device of a Hugging Face style `device_map` (None, a GPU index, "auto", "cpu", "cuda:N", a
+    torch.device, or a map that puts everything on one of those); None means the library default (the CPU).
+    bts models run on one device: a map over several is refused; "auto" is one GPU when there is one."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):  # {"": "cuda:0"} (lm-eval's single-device map) or every module on one device
+        places = {str(v) for v in device_map.values()}
+        if len(places) != 1:
+            raise BTSError(f"device_map must put the whole model on one device (a bts model runs on one device; "
+                           f"got {sorted(places)}).")
+        device_map = device_map[next(iter(device_map))]
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device_map = f"cuda:{device_map}"
+    return resolve_device(device_map, "device_map")
+
+
+def load_kwargs(device: torch.device | str | None) -> dict:
+    """from_pretrained keywords that put the weights straight onto `device` (no CPU copy first); none for the CPU,
+    which is where Hugging Face loads anyway."""
+    if device is None or torch.device(device).type == "cpu":
+        return {}
+    return {"device_map": torch.device(device)}
+
+
+def on_device(device: torch.device | str | None):
+    """Modules built inside are allocated on `device` (torch's default-device context); None: as they would be."""
+    return torch.device(device) if device is not None else nullcontext()
 
 
 def enable_fast_kernels(device: torch.device) -> None:

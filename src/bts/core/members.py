@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bts.core import hf
+from bts.core.device import load_kwargs
 from bts.errors import BTSError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -78,8 +79,10 @@ def load_config(spec, role: str):
     return model_dir, config
 
 
-def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, str | None]:
-    """Load one member; returns (model, directory or None for an in-memory model)."""
+def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> tuple[nn.Module, str | None]:
+    """Load one member; returns (model, directory or None for an in-memory model). `device`: where its weights go,
+    read from disk straight onto it (None: the CPU, as Hugging Face loads)."""
     if isinstance(spec, nn.Module):
         if hasattr(spec, "config"):  # an unsupported family (e.g. GPT-2) is named as such, not as a non-causal LM
             hf.check_supported(spec.config)
@@ -87,6 +90,8 @@ def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None) -> tuple[n
             raise BTSError(f"{role} must be a *ForCausalLM model (got {type(spec).__name__}).")
         if dtype is not None:  # as from a directory: the model is cast (in place, as nn.Module.to does)
             spec.to(dtype)
+        if device is not None:
+            spec.to(device)
         return spec, getattr(spec, "_bts_source_dir", None)
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +99,8 @@ def load_causal_lm(spec, role: str, dtype: torch.dtype | None = None) -> tuple[n
     weights_sha256(model_dir)  # refuses pickled-only checkpoints before anything loads
     check_safetensors(model_dir, role)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, use_safetensors=True,
+                                                     **load_kwargs(device))
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200].rstrip(".")
         raise BTSError(f"{role} '{spec}' could not be loaded ({reason}).") from None
@@ -198,7 +204,7 @@ def freeze(model: nn.Module) -> nn.Module:
 
 # ---- several members: loading, the manifest a saved model keeps, reloading ---------------------------------------
 def load_member_set(members, names: list | None = None, dtype: torch.dtype | None = None, *,
-                    hub_role: str = "seed") -> list[Member]:
+                    hub_role: str = "seed", device: torch.device | str | None = None) -> list[Member]:
     """Load and check the members, hub (seed) first, then experts: dirs, cached hub ids or loaded *ForCausalLM
     models. `names`: one per member, None for the default (the hub: `hub_role`; an expert: its folder's name, or
     expert<i> for a model given in memory). Errors name them by role ("hub" / "seed", "expert <i>")."""
@@ -209,7 +215,7 @@ def load_member_set(members, names: list | None = None, dtype: torch.dtype | Non
         raise BTSError(f"names: {len(names)} names given for {len(members)} members.")
     loaded = []
     for i, spec in enumerate(members):
-        model, path = load_causal_lm(spec, hub_role if i == 0 else f"expert {i}", dtype)
+        model, path = load_causal_lm(spec, hub_role if i == 0 else f"expert {i}", dtype, device)
         default = hub_role if i == 0 else f"expert{i}" if isinstance(spec, nn.Module) else Path(str(spec)).name
         loaded.append(Member(names[i] if names and names[i] is not None else default, model, path))
     if len(loaded) > 1:
@@ -250,7 +256,8 @@ def save_member_manifest(manifest: list[dict], models: list[nn.Module], out: Pat
     return written
 
 
-def reload_members(config, folder: Path, dtype: torch.dtype | None = None) -> list[nn.Module]:
+def reload_members(config, folder: Path, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> list[nn.Module]:
     """Load the members a saved model's config lists (paths relative to `folder` or absolute), refusing any whose
     weights changed since it was saved. config.members then records where each member really is (absolute), so a
     later save elsewhere does not point at a relative path."""
@@ -265,7 +272,7 @@ def reload_members(config, folder: Path, dtype: torch.dtype | None = None) -> li
         if spec.get("sha256") and found != spec["sha256"]:
             raise BTSError(f"member '{spec['name']}' at '{path}' has changed since the model was saved "
                            f"(weights sha256 {found[:12]}… != recorded {spec['sha256'][:12]}…).")
-        models.append(load_causal_lm(str(path), f"member '{spec['name']}'", dtype)[0])
+        models.append(load_causal_lm(str(path), f"member '{spec['name']}'", dtype, device)[0])
     config.members = resolved
     return models
 

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from bts.core import batched, hf
 from bts.atomic import atomic_save_safetensors, atomic_write_json
 from bts.core.config import BTSConfig
+from bts.core.device import device_from_map
 from bts.errors import BTSError
 from bts.core.members import (copy_tokenizer, freeze, load_member_set, member_manifest, reload_members,
                               save_member_manifest)
@@ -114,8 +115,10 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
     def from_members(cls, hub, experts, *, names: list[str] | None = None, hub_name: str = "hub",
                      num_stitches: int = 4, positions: list[int] | None = None, all_e2h: bool = False,
                      init: str = "blend", beta: float = 8.0, gate_dropout: float = 0.0,
-                     expert_stream: str = "raw", dtype: torch.dtype | None = None) -> "BTSForCausalLM":
-        """Build a stitched model. hub / each expert: a model directory, a cached hub id, or a loaded model."""
+                     expert_stream: str = "raw", dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> "BTSForCausalLM":
+        """Build a stitched model. hub / each expert: a model directory, a cached hub id, or a loaded model.
+        dtype / device: the members' (read from disk straight onto the device); the stitches stay fp32 or wider."""
         experts = list(experts) if isinstance(experts, (list, tuple)) else [experts]
         if not experts:
             raise BTSError("experts: at least one expert is needed (n = 0 given).")
@@ -123,7 +126,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             raise BTSError(f"names: {len(names)} names given for {len(experts)} experts.")
         check_stitch_options(init=init, expert_stream=expert_stream, beta=beta, gate_dropout=gate_dropout)
         members = load_member_set([hub, *experts], [hub_name, *(names or [None] * len(experts))], dtype,
-                                  hub_role="hub")
+                                  hub_role="hub", device=device)
         hub_model = members[0].model
         base = hub_model.config
         num_layers = base.num_hidden_layers
@@ -142,7 +145,8 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
             bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id,
         )
         config._attn_implementation = hub_model.config._attn_implementation
-        return cls(config, hub=hub_model, experts=[m.model for m in members[1:]])
+        model = cls(config, hub=hub_model, experts=[m.model for m in members[1:]])
+        return model if device is None else model.to(device)  # the stitches, built on the CPU, join the members
 
     def _init_weights(self, module):
         if isinstance(module, StitchLayer):
@@ -333,16 +337,19 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         copy_tokenizer(self.config.members[0]["path"], out)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, device_map=None,
+                        **kwargs):
         """Load a stitched model saved by `save_pretrained`: re-attach each member (refusing any whose weights
-        changed since), then load the stitch weights."""
+        changed since), then load the stitch weights. device_map: one device (e.g. "cuda", 0), the members read
+        straight onto it in `dtype`."""
+        device = device_from_map(device_map)
         folder = Path(pretrained_model_name_or_path)
         if not (folder / "config.json").exists():
             raise BTSError(f"'{folder}' is not a saved bts model (no config.json).")
         if not (folder / STITCH_WEIGHTS).exists():
             raise BTSError(f"'{folder}' has no {STITCH_WEIGHTS}; it is not a saved bts model.")
         config = config if isinstance(config, BTSConfig) else BTSConfig.from_pretrained(folder)
-        models = reload_members(config, folder, dtype)
+        models = reload_members(config, folder, dtype, device)
         config._attn_implementation = models[0].config._attn_implementation
         model = cls(config, hub=models[0], experts=models[1:])
         from safetensors.torch import load_file
@@ -358,6 +365,8 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         if missing or unexpected:
             raise BTSError(f"'{folder / STITCH_WEIGHTS}' does not match the config "
                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}).")
+        if device is not None:
+            model.to(device)
         model._stitch_precision()
         gen = folder / "generation_config.json"
         if gen.exists():

@@ -100,6 +100,14 @@ def add_expert(model, new_expert, name: str | None = None):
         twin = next((m["name"] for m in model.config.members if m.get("sha256") == digest), None)
         if twin is not None:
             raise BTSError(f"'{new_expert}' has the same weights as member '{twin}', which is already in this model.")
+        # Read onto the model's device; in its members' half precision when they are in one (a bf16 model on a
+        # GPU), otherwise as a directory always loads (float32).
+        from bts.core.device import model_device
+        from bts.core.members import load_causal_lm
+
+        hub_dtype = next(model.hub.parameters()).dtype
+        new_expert, _ = load_causal_lm(new_expert, "new expert", hub_dtype if hub_dtype.itemsize == 2 else None,
+                                       model_device(model))
     new = _rebuild(model, [*model._expert_models, new_expert], [*names, name])
     n = len(names)
     for old_layer, new_layer in zip(model.stitches, new.stitches):

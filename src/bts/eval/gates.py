@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from bts.core.device import model_device
 from bts.core.stitch import E2H
 from bts.errors import BTSError
 from bts.eval.heldout import heldout_loss
@@ -26,7 +27,7 @@ def gate_summary(model, ids: torch.Tensor) -> list[dict]:
     H→E: how far expert streams move towards the hub), plus the blend strength |tanh(a)| with the blend init."""
     was_training = model.training
     model.eval()
-    gates = model.gate_values(ids.view(1, -1) if ids.dim() == 1 else ids, effective=True)
+    gates = model.gate_values(_on(model, ids.view(1, -1) if ids.dim() == 1 else ids), effective=True)
     names = ["hub"] + list(model.config.expert_names)
     out = []
     for stitch, g in zip(model.stitches, gates):
@@ -49,7 +50,7 @@ def gate_table(model, windows: dict[str, torch.Tensor], batch_size: int = 8) -> 
     for domain, w in windows.items():
         sums, count = None, 0
         for i in range(0, len(w), batch_size):
-            gates = model.gate_values(w[i:i + batch_size], effective=True)
+            gates = model.gate_values(_on(model, w[i:i + batch_size]), effective=True)
             mass = torch.stack([gates[j].mean(-1).sum((0, 1)) for j in e2h])  # [layers, members]
             sums = mass if sums is None else sums + mass
             count += w[i:i + batch_size].shape[:2].numel()
@@ -57,6 +58,11 @@ def gate_table(model, windows: dict[str, torch.Tensor], batch_size: int = 8) -> 
         table[domain] = {f"after block {model.config.stitch_positions[j]}": dict(zip(names, map(float, row)))
                          for j, row in zip(e2h, mean)}
     return table
+
+
+def _on(model, ids: torch.Tensor) -> torch.Tensor:
+    """Token ids on the model's device (gates are computed where the model is; tables come back as numbers)."""
+    return ids.to(model_device(model))
 
 
 def last_e2h(model) -> int:
@@ -67,14 +73,14 @@ def last_e2h(model) -> int:
 def dominant(model, ids: torch.Tensor) -> torch.Tensor:
     """Per token, the index of the expert with the most mixing weight at the last E→H stitch ([B, T]). The hub is
     left out: it carries most of the mass everywhere, so the question is which expert leads."""
-    return model.gate_values(ids, effective=True)[last_e2h(model)].mean(-1)[..., 1:].argmax(-1)
+    return model.gate_values(_on(model, ids), effective=True)[last_e2h(model)].mean(-1)[..., 1:].argmax(-1).cpu()
 
 
 @torch.no_grad()
 def token_gates(model, ids: torch.Tensor) -> torch.Tensor:
     """[layers, T, members]: each token's mixing weight per member at every stitch, mean over channels."""
-    gates = model.gate_values(ids.view(1, -1), effective=True)
-    return torch.stack([g[0].mean(-1) for g in gates])
+    gates = model.gate_values(_on(model, ids.view(1, -1)), effective=True)
+    return torch.stack([g[0].mean(-1) for g in gates]).cpu()
 
 
 @torch.no_grad()
@@ -83,7 +89,7 @@ def heatmap(model, ids: torch.Tensor, bounds: list[tuple[int, str]]) -> dict:
     folded in, so a column sums to 1) on one text: what the report's gate heatmap draws, with the text's domain
     boundaries [(start, domain)]. `mass` is [members][tokens] (float32 values, exact through JSON)."""
     last = last_e2h(model)
-    mass = model.gate_values(ids.view(1, -1), effective=True)[last][0].mean(-1).T  # [members, T]
+    mass = model.gate_values(_on(model, ids.view(1, -1)), effective=True)[last][0].mean(-1).T  # [members, T]
     return {"members": ["hub"] + list(model.config.expert_names), "stitch": last,
             "after_block": model.config.stitch_positions[last], "bounds": [[int(b), d] for b, d in bounds],
             "mass": mass.tolist()}
@@ -151,7 +157,7 @@ def sparse_table(model, windows: dict[str, torch.Tensor]) -> dict:
             full = heldout_loss(model, scored)
             rows = []
             for k in range(1, len(names) + 1):
-                chosen = model.top_experts(probe, k)
+                chosen = model.top_experts(_on(model, probe), k)
                 model.set_active_experts(chosen)
                 loss = heldout_loss(model, scored)
                 rows.append({"k": k, "experts": chosen, "loss": loss, "change_pct": 100 * (loss / full - 1)})

@@ -12,20 +12,24 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_hf(path):
-    """A saved *ForCausalLM (seed, expert) and its accounting: every parameter trained, all active."""
+def load_hf(path, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """A saved *ForCausalLM (seed, expert) and its accounting: every parameter trained, all active. Its weights
+    are read straight onto `device` in `dtype` (default: the CPU, float32)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from bts.core.device import load_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **load_kwargs(device)).eval()
     n = count_params(model)
     return model, {"trainable_params": n, "total_params": n, "active_params": n}
 
 
-def load_bts(path):
-    """A saved stitched model and its accounting: only the stitches trained, every member active."""
+def load_bts(path, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """A saved stitched model and its accounting: only the stitches trained, every member active. Members are
+    read onto `device` in `dtype`; the stitches stay fp32."""
     from bts.core.model import BTSForCausalLM
 
-    model = BTSForCausalLM.from_pretrained(path).eval()
+    model = BTSForCausalLM.from_pretrained(path, dtype=dtype, device_map=device).eval()
     stitch = sum(p.numel() for p in model.stitch_parameters())
     total = count_params(model)
     return model, {"trainable_params": stitch, "total_params": total, "active_params": total}

@@ -24,7 +24,7 @@ from bts.core.surgery import add_expert, new_slot_masks, remove_expert
 from bts.errors import BTSError
 from bts.eval.gates import gate_table, segment_dominance, sparse_table, switch_table
 from bts.eval.heldout import heldout_loss
-from bts.pipeline.loaders import quiet_libraries
+from bts.pipeline.loaders import load_bts, load_hf, quiet_libraries
 from bts.pipeline.rundata import load_run_data
 
 
@@ -115,7 +115,6 @@ def measure_modularity(run, *, add_fraction: float = 0.25, retrain_fraction: flo
     Training phases resume from their checkpoints under <out>/train, so an interrupted measurement with the same
     settings resumes exactly; results.json is written atomically at the end."""
     from bts.data.streams import eval_windows
-    from bts.core.model import BTSForCausalLM
 
     out = Path(out) if out else run.path("modularity")
     experts = list(run.recipe.expert_domains)
@@ -137,12 +136,11 @@ def measure_modularity(run, *, add_fraction: float = 0.25, retrain_fraction: flo
     results = {"schema": "bts.pipeline.modularity/1", "experts": experts, "full_stitch_steps": full_steps,
                "settings": {"add_fraction": add_fraction, "retrain_fraction": retrain_fraction,
                             "focus_weight": focus_weight, "sparse": sparse, "heldout_tokens": budget}}
-    from transformers import AutoModelForCausalLM
 
-    seed = AutoModelForCausalLM.from_pretrained(run.path("models", "seed"), dtype=torch.float32).eval()
+    seed, _ = load_hf(run.path("models", "seed"), run.device, run.members_dtype)  # on the run's device
     results["seed"] = losses(seed)
     del seed
-    full = BTSForCausalLM.from_pretrained(run.path("models", "bts")).eval()
+    full, _ = load_bts(run.path("models", "bts"), run.device, run.members_dtype)
     results["full"] = losses(full)
     results["gates"] = gate_table(full, {d: w[:8] for d, w in windows.items()})
     ids, bounds = run.switch_text()

@@ -21,6 +21,7 @@ import yaml
 
 from bts.baselines.base import positive
 from bts.baselines.registry import REGISTRY
+from bts.core.device import TRAIN_DTYPES, check_device_spec, check_members_dtype
 from bts.core.stitch import check_stitch_options
 from bts.errors import BTSError
 from bts.train.config import TrainConfig
@@ -134,7 +135,8 @@ class Recipe:
     name: str = "custom"
     seed: int = 0
     run_dir: str = ""  # empty: runs/<name>
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N, for every stage (docs/gpu.md); resolved when the run starts
+    members_dtype: str = "auto"  # frozen members and evaluated models: auto (bf16 on a GPU, fp32 on a CPU) | float32 | ...
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seed_model: SeedConfig = field(default_factory=SeedConfig)
@@ -196,6 +198,8 @@ def _check(recipe: Recipe) -> None:
     bts.core.stitch.check_stitch_options; baseline options: each baseline's check, bts.baselines.registry)."""
     if not SAFE_NAME.fullmatch(recipe.name):  # names become folder names (runs/<name>): nothing may climb out
         raise BTSError(f"name '{recipe.name}' must be letters, digits, '_', '-' or '.' and not start with '.'.")
+    check_device_spec(recipe.device, "device")  # the spelling; whether it exists is asked when the run starts
+    check_members_dtype(recipe.members_dtype, "members_dtype")
     _check_data(recipe.data)
     positive(recipe.tokenizer.vocab_size, "tokenizer.vocab_size")
     positive(recipe.tokenizer.train_chars, "tokenizer.train_chars")
@@ -248,8 +252,8 @@ def _check_train(t: TrainConfig, where: str) -> None:
         raise BTSError(f"{where}.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio}).")
     if t.batch_size % t.grad_accum:
         raise BTSError(f"{where}.batch_size ({t.batch_size}) must be a multiple of grad_accum ({t.grad_accum}).")
-    if t.dtype not in ("float32", "bfloat16"):
-        raise BTSError(f"{where}.dtype must be float32 or bfloat16 (got '{t.dtype}').")
+    if t.dtype not in TRAIN_DTYPES:
+        raise BTSError(f"{where}.dtype must be auto, float32 or bfloat16 (got '{t.dtype}').")
 
 
 def _check_data(data: DataConfig) -> None:

@@ -20,6 +20,7 @@ from bts.data.streams import Batcher, interleave, tokenize_stream
 from bts.errors import BTSError
 from bts.pipeline.recipe import Recipe
 from bts.pipeline.rundir import RunDir
+from bts.train import distributed
 
 
 class RunData:
@@ -30,6 +31,28 @@ class RunData:
         self.domains = list(recipe.data.domains)
         self._tokenizer = None
         self._streams: dict = {}
+        self._device: torch.device | None = None
+
+    # ---- where it computes ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The run's device, every stage's (recipe `device`, resolved once: a missing GPU is refused here, which
+        the pipeline asks before writing anything)."""
+        if self._device is None:
+            from bts.core.device import resolve_device
+
+            device = resolve_device(self.recipe.device, "device")
+            if device.type == "cuda" and distributed.launched():  # under torchrun: each rank its own GPU
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            self._device = device
+        return self._device
+
+    @property
+    def members_dtype(self) -> torch.dtype:
+        """The dtype frozen members and evaluated models load in (recipe `members_dtype`; auto: bf16 on a GPU)."""
+        from bts.core.device import members_dtype
+
+        return members_dtype(self.recipe.members_dtype, self.device)
 
     def path(self, *parts) -> Path:
         return self.dir.path(*parts)
@@ -131,7 +154,8 @@ class RunData:
 
     # ---- models ----------------------------------------------------------------------------------------------
     def build_stitched(self):
-        """A fresh stitched model over the run's seed and experts, with the recipe's stitch layout."""
+        """A fresh stitched model over the run's seed and experts, with the recipe's stitch layout: members read
+        onto the run's device in members_dtype, fp32 stitches."""
         from bts.core.model import BTSForCausalLM
 
         s = self.recipe.stitch
@@ -139,7 +163,8 @@ class RunData:
         return BTSForCausalLM.from_members(
             str(self.path("models", "seed")), [str(self.path("models", f"expert-{d}")) for d in experts],
             names=experts, hub_name="seed", num_stitches=s.num_stitches, positions=s.positions or None,
-            all_e2h=s.all_e2h, init=s.init, beta=s.beta, gate_dropout=s.gate_dropout, expert_stream=s.expert_stream)
+            all_e2h=s.all_e2h, init=s.init, beta=s.beta, gate_dropout=s.gate_dropout, expert_stream=s.expert_stream,
+            dtype=self.members_dtype, device=self.device)
 
 
 def load_run_data(run_dir, cls=None):

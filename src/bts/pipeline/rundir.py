@@ -123,8 +123,12 @@ class RunDir:
             # ... except the modularity section: no other stage reads it, and its own stage reruns when it changes
             # A recipe stored by an older bts is read with today's defaults, so options added since do not count
             # as changes.
-            old = {k: v for k, v in recipe_to_dict(load_recipe(str(stored))).items() if k != "modularity"}
-            diff = _first_difference(old, {k: v for k, v in current.items() if k != "modularity"})
+            # ... and the device: where a run computes is not what it computes (a run started on a CPU may go on
+            # on a GPU). A run made before devices existed ran on a CPU, where a phase's dtype float32 is "auto".
+            old = {k: v for k, v in recipe_to_dict(load_recipe(str(stored))).items() if k not in SHIFTABLE}
+            if "device" not in (yaml.safe_load(stored.read_text()) or {}):
+                _older_dtypes(old, current)
+            diff = _first_difference(old, {k: v for k, v in current.items() if k not in SHIFTABLE})
             if diff is not None:
                 key, old, new = diff
                 raise BTSError(f"run directory '{self.root}' was made with {key}={old!r}, not {new!r}; "
@@ -152,6 +156,18 @@ class RunDir:
         where = f" at '{exc.filename}'" if exc.filename else ""
         return BTSError(f"run directory '{self.root}': {exc.strerror}{where}; finished stages are kept and the "
                         "same command resumes once this is fixed.")
+
+
+SHIFTABLE = ("modularity", "device")  # recipe keys that may change between runs over one run directory
+
+
+def _older_dtypes(old: dict, new: dict) -> None:
+    """In a recipe stored before devices existed, a training phase's dtype float32 meant what "auto" means on the
+    CPU it ran on: count it as today's value when that is "auto"."""
+    for section in ("seed_model", "experts", "stitch"):
+        train_old, train_new = old.get(section, {}).get("train", {}), new.get(section, {}).get("train", {})
+        if train_old.get("dtype") == "float32" and train_new.get("dtype") == "auto":
+            train_old["dtype"] = "auto"
 
 
 def _first_difference(old, new, prefix: str = ""):

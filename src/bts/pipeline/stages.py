@@ -135,7 +135,7 @@ def seed(run, info) -> None:
     trainable = dict(model.named_parameters())
     batches = run.batcher({d: 1.0 for d in run.domains}, rs.train, salt=1)
     result = train(model, trainable, batches, rs.train, run.path("train", "seed"), desc="seed",
-                   seed=run.recipe.seed)
+                   seed=run.recipe.seed, device=run.device)  # initialised on the CPU (the same draw anywhere)
     if distributed.is_main():
         model.save_pretrained(out)
         tok.save_pretrained(out)
@@ -153,14 +153,19 @@ def expert(run, info, domain: str) -> None:
     from transformers import AutoModelForCausalLM
 
     cfg = run.recipe.experts.train
-    model = AutoModelForCausalLM.from_pretrained(run.path("models", "seed"), dtype=torch.float32)
+    from bts.core.device import load_kwargs
+
+    # Every weight trains: fp32 master weights, read straight onto the run's device.
+    model = AutoModelForCausalLM.from_pretrained(run.path("models", "seed"), dtype=torch.float32,
+                                                 **load_kwargs(run.device))
     if not run.recipe.experts.train_embeddings:
         model.get_input_embeddings().requires_grad_(False)
         model.get_output_embeddings().requires_grad_(False)
     trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
     salt = 100 + run.domains.index(domain)
     result = train(model, trainable, run.batcher({domain: 1.0}, cfg, salt), cfg,
-                   run.path("train", f"expert-{domain}"), desc=f"expert:{domain}", seed=run.recipe.seed)
+                   run.path("train", f"expert-{domain}"), desc=f"expert:{domain}", seed=run.recipe.seed,
+                   device=run.device)
     out = run.path("models", f"expert-{domain}")
     if distributed.is_main():
         model.save_pretrained(out)
@@ -184,7 +189,7 @@ def stitch(run, info) -> None:
         return {"gates": gate_summary(model, probe)}
 
     result = train(model, trainable, run.batcher(mix, cfg, salt=7), cfg, run.path("train", "stitch"),
-                   desc="stitch", seed=run.recipe.seed, metrics_fn=gate_stats)
+                   desc="stitch", seed=run.recipe.seed, metrics_fn=gate_stats, device=run.device)
     if distributed.is_main():
         model.save_pretrained(run.path("models", "bts"))
         run.tokenizer().save_pretrained(run.path("models", "bts"))
@@ -207,15 +212,17 @@ def methods(run) -> dict:
     """Every evaluated method: name -> (loader, accounting info). Loaders build the model on demand."""
     from bts.baselines.registry import REGISTRY
 
-    found = {"seed": (lambda: load_hf(run.path("models", "seed")), run.done("seed") or {})}
+    on = {"device": run.device, "dtype": run.members_dtype}  # every evaluated model: on the run's device
+    found = {"seed": (lambda: load_hf(run.path("models", "seed"), **on), run.done("seed") or {})}
     for d in run.recipe.expert_domains:
-        found[f"expert:{d}"] = (lambda d=d: load_hf(run.path("models", f"expert-{d}")), run.done(f"expert:{d}") or {})
+        found[f"expert:{d}"] = (lambda d=d: load_hf(run.path("models", f"expert-{d}"), **on),
+                                run.done(f"expert:{d}") or {})
     if run.done("stitch"):
-        found["bts"] = (lambda: load_bts(run.path("models", "bts")), run.done("stitch") or {})
+        found["bts"] = (lambda: load_bts(run.path("models", "bts"), **on), run.done("stitch") or {})
     for method in run.recipe.baselines.methods:
         info = run.done(f"baseline:{method}")
         if info is not None:
-            found[method] = (functools.partial(REGISTRY[method].load, run.path("models", method), info), info)
+            found[method] = (functools.partial(REGISTRY[method].load, run.path("models", method), info, **on), info)
     return found
 
 
@@ -259,7 +266,7 @@ def write_gates(run) -> None:
         return
     from bts.eval.gates import gate_table, heatmap
 
-    model, _ = load_bts(run.path("models", "bts"))
+    model, _ = load_bts(run.path("models", "bts"), run.device, run.members_dtype)
     seq = run.recipe.data.seq_len
     table = gate_table(model, {d: eval_windows(run.stream(d, "heldout"), seq, 8 * seq) for d in run.domains})
     ids, bounds = run.switch_text()
@@ -387,8 +394,9 @@ def run_stages(run, only: list[str] | None = None) -> dict | None:
     unknown = wanted - set(STAGES) - {f"expert:{d}" for d in run.recipe.expert_domains}
     if unknown:
         raise BTSError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)} and expert:<domain>.")
+    device = run.device  # a missing GPU is refused here, before anything is written
     try:
-        distributed.init()  # joins the torchrun process group when launched by torchrun
+        distributed.init(device=device)  # joins the torchrun process group (nccl on GPUs, gloo on the CPU)
         # Expert-only jobs run side by side on one run directory (`bts run --print-expert-commands`): each
         # takes its own lock.
         experts_only = bool(only) and all(s.startswith("expert:") for s in wanted)

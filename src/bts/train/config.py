@@ -17,7 +17,9 @@ class TrainConfig:
     grad_accum: int = 1
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping; 0 disables it
-    dtype: str = "float32"  # autocast of the forward: float32 (none; tensors keep their dtypes) | bfloat16
+    # autocast of the forward: auto (bfloat16 on a GPU, none on a CPU) | float32 (none; tensors keep their dtypes) |
+    # bfloat16. Trainable tensors stay fp32 master weights either way.
+    dtype: str = "auto"
     log_every: int = 10
     ckpt_every: int = 50
     compile: bool = False  # torch.compile the model for this phase: faster steps after a one-off compile

@@ -30,11 +30,19 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(backend: str | None = None, timeout_s: int = 1800) -> tuple[int, int, torch.device]:
-    """Join the torchrun process group if there is one (idempotent); return (rank, world_size, device)."""
-    cuda = torch.cuda.is_available()
+_joined: dict = {}  # the device this process joined its process group with (every later init() returns it)
+
+
+def init(backend: str | None = None, timeout_s: int = 1800,
+         device: torch.device | None = None) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if there is one (idempotent); return (rank, world_size, device).
+    device: the run's (bts.core.device.resolve_device); a CUDA one is this rank's GPU (LOCAL_RANK) with nccl, the
+    CPU uses gloo. None: CUDA when available. Once joined, the device is the one joined with."""
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if not launched():
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
+        return 0, 1, torch.device(device) if device is not None else torch.device("cuda" if cuda else "cpu")
+    if dist.is_initialized() and "device" in _joined:
+        return dist.get_rank(), dist.get_world_size(), _joined["device"]
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -42,6 +50,7 @@ def init(backend: str | None = None, timeout_s: int = 1800) -> tuple[int, int, t
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=timedelta(seconds=timeout_s),
                                 device_id=device if cuda else None)
+    _joined["device"] = device
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -74,6 +83,7 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _joined.clear()
 
 
 def parallel_mode(requested: str | None = None) -> str | None:

@@ -41,12 +41,14 @@ from bts.train import distributed
 from bts.atomic import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from bts import faults
 from bts.errors import BTSError
+from bts.core.device import TRAIN_DTYPES, autocast, autocast_dtype, model_device, oom_guard, resolve_device, to_device
 from bts.train.config import TrainConfig
 
 KEEP_CHECKPOINTS = 2
-# cfg.dtype -> the autocast dtype of the forward. "float32" is no autocast: every tensor keeps its own dtype, so a
-# float64 model trains in float64 and bf16 members stay bf16.
-AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16}
+# cfg.dtype -> the autocast dtype of the forward (bts.core.device.autocast_dtype). "float32" is no autocast: every
+# tensor keeps its own dtype, so a float64 model trains in float64 and bf16 members stay bf16. "auto" (the default)
+# is bfloat16 on a GPU and none on a CPU, so CPU runs are what they were before devices were chosen.
+AUTOCAST = TRAIN_DTYPES
 
 
 @dataclass
@@ -163,9 +165,12 @@ def _restore(path: Path, trainable, optimizer):
 def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batches: Callable[[int], list[dict]],
           cfg: TrainConfig, out_dir: str | os.PathLike, *, desc: str = "train", seed: int = 0,
           loss_fn: Callable = default_loss, step_hook: Callable[[int], None] | None = None,
-          metrics_fn: Callable[[], dict] | None = None, parallel: str | None = None) -> TrainResult:
+          metrics_fn: Callable[[], dict] | None = None, parallel: str | None = None,
+          device: str | torch.device | None = None) -> TrainResult:
     """Train `trainable` (a subset of model's parameters) for cfg.steps; resume from out_dir/ckpt if present.
-    parallel: "ddp" | "fsdp2" under torchrun (default $BTS_PARALLEL, else ddp); ignored in a single process."""
+    parallel: "ddp" | "fsdp2" under torchrun (default $BTS_PARALLEL, else ddp); ignored in a single process.
+    device: where a single process trains (default: where the model is; the model is moved there, micro-batches
+    follow); under torchrun each rank trains on the device its process group was joined with."""
     if cfg.dtype not in AUTOCAST:
         raise BTSError(f"{desc}: train dtype must be one of {', '.join(AUTOCAST)} (got '{cfg.dtype}').")
     mode = distributed.parallel_mode(parallel)
@@ -180,10 +185,15 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
         out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "ckpt"
     metrics_path = out_dir / "metrics.jsonl"
-    caller_trainable, work, device = trainable, model, torch.device("cpu")
+    caller_trainable, work = trainable, model
     if mode is not None:
         rank, world, device = distributed.init()
         work, trainable, step_hook = _prepare_parallel(model, trainable, mode, device, step_hook)
+    else:
+        device = model_device(model) if device is None else resolve_device(device, f"{desc} device")
+        if model_device(model) != device:
+            torch.nn.Module.to(model, device)  # a pure move (a model's own to() may also cast; see _prepare_parallel)
+    cast = autocast_dtype(cfg.dtype, device)
     if cfg.compile:  # compiled lazily, at the first step (docs/performance.md: minutes on CPU, then faster steps)
         work = torch.compile(work)
         if main:
@@ -216,29 +226,31 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
                 group["lr"] = lr
             micro_batches = batches(step)
             step_loss = 0.0
-            for micro in micro_batches:
-                n_tok = int(micro["input_ids"].numel())  # tokens of the global batch, as in a 1-process run
+            with oom_guard(f"{desc} step {step}", device, batch=_shape(micro_batches)):
+                for micro in micro_batches:
+                    n_tok = int(micro["input_ids"].numel())  # tokens of the global batch, as in a 1-process run
+                    if mode is not None:
+                        micro = distributed.shard_batch(micro, rank, world)
+                    micro = to_device(micro, device)
+                    with autocast(device, enabled=cast is not None):
+                        loss = loss_fn(work, micro)
+                    if mode is None and not torch.isfinite(loss):
+                        raise _non_finite(desc, loss.item(), step, ckpt_root)
+                    (loss / len(micro_batches)).backward()
+                    step_loss += loss.item() / len(micro_batches)
+                    tokens += n_tok
+                    window_tokens += n_tok
                 if mode is not None:
-                    micro = {k: v.to(device) if torch.is_tensor(v) else v
-                             for k, v in distributed.shard_batch(micro, rank, world).items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST[cfg.dtype] is not None):
-                    loss = loss_fn(work, micro)
-                if mode is None and not torch.isfinite(loss):
-                    raise _non_finite(desc, loss.item(), step, ckpt_root)
-                (loss / len(micro_batches)).backward()
-                step_loss += loss.item() / len(micro_batches)
-                tokens += n_tok
-                window_tokens += n_tok
-            if mode is not None:
-                # Checked after the all-reduce so that every rank stops at the same step (no rank left waiting).
-                step_loss = distributed.mean_scalar(step_loss, device)
-                if not math.isfinite(step_loss):
-                    raise _non_finite(desc, step_loss, step, ckpt_root)
-                if mode == "ddp":
-                    distributed.average_gradients(list(trainable.values()))
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.clip if cfg.clip > 0 else 1e30)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                    # Checked after the all-reduce so that every rank stops at the same step (no rank left waiting).
+                    step_loss = distributed.mean_scalar(step_loss, device)
+                    if not math.isfinite(step_loss):
+                        raise _non_finite(desc, step_loss, step, ckpt_root)
+                    if mode == "ddp":
+                        distributed.average_gradients(list(trainable.values()))
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()),
+                                                           cfg.clip if cfg.clip > 0 else 1e30)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             losses.append((step, step_loss))
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
@@ -271,6 +283,14 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
         _copy_back(trainable, caller_trainable)
     model.eval()
     return TrainResult(steps=cfg.steps, tokens=tokens, wall_s=time.perf_counter() - t0, losses=losses)
+
+
+def _shape(micro_batches: list[dict]) -> str:
+    """A step's batch as the out-of-memory sentence names it: micro-batches x sequences x tokens."""
+    if not micro_batches:
+        return ""
+    rows, length = micro_batches[0]["input_ids"].shape[:2]
+    return f"{len(micro_batches)} micro-batch(es) of {rows} x {length} tokens"
 
 
 def _non_finite(desc: str, value: float, step: int, ckpt_root: Path) -> BTSError:

@@ -8,6 +8,7 @@ model is saved untrained (equal to the input until trained).
 
 from pathlib import Path
 
+from bts.cli.devices import add_device_arguments, device_of, members_dtype_of
 from bts.errors import BTSError
 
 HELP = "add an expert to a trained stitched model (exactly the same outputs at first), then train it briefly"
@@ -26,6 +27,7 @@ def add_arguments(p):
                    help="train only the new expert's stitch slots (default) or every stitch parameter")
     p.add_argument("--focus-weight", type=float, default=0.5, help="share of the mix on the new domain (0.5)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    add_device_arguments(p)
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -58,8 +60,10 @@ def run(args):
         raise BTSError(f"--steps must be 0 or more (got {args.steps}).")
     if args.steps and not args.run_dir:
         raise BTSError(f"--steps {args.steps} needs training data: pass --run-dir of a pipeline run.")
+    device = device_of(args)
+    dtype = members_dtype_of(args, device)
     run_ = load_run(args.run_dir) if args.run_dir else None
-    model = BTSForCausalLM.from_pretrained(args.stitched)
+    model = BTSForCausalLM.from_pretrained(args.stitched, dtype=dtype, device_map=device)
     grown = add_expert(model, args.expert, name=args.name)
     name = grown.config.expert_names[-1]
     steps = args.steps if args.steps is not None else (

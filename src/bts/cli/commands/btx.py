@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bts.cli.devices import add_device_arguments, device_of
 from bts.errors import BTSError
 
 HELP = "build a BTX mixture of experts (members' FFNs as experts, other weights averaged, new routers) and save it"
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixtral", action="store_true",
                    help="write a stock Mixtral checkpoint (Llama / Mistral seeds) instead of the bts_btx format")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    add_device_arguments(p, members_dtype=False)  # BTX is written in the seed's own dtype
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:  # fail before loading
         raise BTSError(f"out '{out}' already exists and is not empty (use --force to replace it).")
+    device = device_of(args)
     model = build_btx(args.seed, args.experts, include_seed=not args.no_seed_expert, routing=args.routing,
-                      router_init_std=args.router_init_std, seed_rng=args.random_seed)
+                      router_init_std=args.router_init_std, seed_rng=args.random_seed, device=device)
     save_btx(model, out, force=args.force, export="mixtral" if args.mixtral else "bts")
     counts = btx_parameter_counts(model)
     form = "a Mixtral checkpoint" if args.mixtral else "bts_btx"

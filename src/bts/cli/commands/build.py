@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from bts.cli.devices import add_device_arguments, device_of, members_dtype_of
 from bts.errors import BTSError
 from bts.core.stitch import EXPERT_STREAMS, INITS
 
@@ -22,6 +23,7 @@ def add_arguments(p):
     p.add_argument("--expert-stream", choices=EXPERT_STREAMS, default="raw")
     p.add_argument("--export", action="store_true", help="copy the members in: one self-contained directory")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    add_device_arguments(p)
 
 
 def parse_positions(text):
@@ -39,10 +41,12 @@ def run(args):
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise BTSError(f"--out '{out}' is not empty; choose a new directory or pass --force.")
+    device = device_of(args)
     model = BTSForCausalLM.from_members(
         args.hub, args.experts, names=args.names, num_stitches=args.num_stitches,
         positions=parse_positions(args.positions), all_e2h=args.all_e2h, init=args.init, beta=args.beta,
-        gate_dropout=args.gate_dropout, expert_stream=args.expert_stream)
+        gate_dropout=args.gate_dropout, expert_stream=args.expert_stream,
+        dtype=members_dtype_of(args, device), device=device)
     model.save_pretrained(out, export_members=args.export)
     hub_dir = model.config.members[0]["path"]
     if hub_dir:

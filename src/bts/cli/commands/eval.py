@@ -12,6 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
+from bts.cli.devices import add_device_arguments, device_of, members_dtype_of
 from bts.errors import BTSError
 
 HELP = "score models on offline downstream tasks (MMLU groups, HellaSwag, TruthfulQA, GSM8K, CHAMP, HumanEval)"
@@ -33,8 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, help="context window (default: the model's max_position_embeddings)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget for gsm8k/humaneval")
     p.add_argument("--data-dir", metavar="DIR", help="prebuilt task files (default: build/reuse the cache)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    add_device_arguments(p, dtype_alias="--dtype")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice). On a busy machine "
                                                "1 can be many times faster than oversubscribed threads")
 
@@ -55,10 +55,13 @@ def _tokenizer_source(model_dir: Path, override: str | None) -> Path:
     raise BTSError(f"tokenizer: '{model_dir}' holds no tokenizer; pass --tokenizer DIR.")
 
 
-def load_model_and_tokenizer(model_dir: str, tokenizer: str | None, dtype: str, device: str,
+def load_model_and_tokenizer(model_dir: str, tokenizer: str | None, dtype, device,
                              max_length: int | None = None):
+    """A model read straight onto `device` in `dtype` (a torch.dtype or its name), and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bts.core.device import load_kwargs
 
     import bts  # noqa: F401  (registers the "bts" model type)
     import bts.baselines.registry  # noqa: F401  (and the baselines' own: bts_btx, bts_btm, bts_routed, bts_bam)
@@ -66,7 +69,8 @@ def load_model_and_tokenizer(model_dir: str, tokenizer: str | None, dtype: str, 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise BTSError(f"models: '{model_dir}' is not a model directory (no config.json).")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **load_kwargs(device)).eval()
     limit = getattr(model.config, "max_position_embeddings", None)
     if max_length and limit and max_length > limit:  # positions past the trained range give garbage, not errors
         raise BTSError(f"max-length {max_length} exceeds the context of '{model_dir}' "
@@ -104,9 +108,10 @@ def run(args: argparse.Namespace) -> int:
     if generative and args.max_length is not None and args.max_new_tokens >= args.max_length:
         raise BTSError(f"max-new-tokens ({args.max_new_tokens}) must be smaller than max-length "
                        f"({args.max_length}), or no prompt token would fit.")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args)  # CUDA asked for where there is none: refused before anything is downloaded or written
+    dtype = members_dtype_of(args, device)
     data_dir = Path(args.data_dir) if args.data_dir else ensure_tasks(tasks)  # download before loading models
-    loaders = {name: (lambda d=model_dir: load_model_and_tokenizer(d, args.tokenizer, args.dtype, device,
+    loaders = {name: (lambda d=model_dir: load_model_and_tokenizer(d, args.tokenizer, dtype, device,
                                                                     args.max_length))
                for name, model_dir in zip(names, args.models)}
     start = time.perf_counter()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bts.cli.devices import add_device_arguments, device_of, members_dtype_of
 from bts.errors import BTSError
 from bts.eval.gates import token_gates
 
@@ -29,6 +30,7 @@ def add_arguments(p):
     p.add_argument("--layer", type=int, help="stitch layer (1..K) for tokens.png and gates.html (default: last E→H)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens read from the text (default 512)")
     p.add_argument("--experts-only", action="store_true", help="colour by the dominant expert, ignoring the hub")
+    add_device_arguments(p)
 
 
 def load_tokenizer(model_dir: str, model):
@@ -118,7 +120,8 @@ def run(args):
     from bts.atomic import atomic_write_json, atomic_write_text
     from bts.core.model import BTSForCausalLM
 
-    model = BTSForCausalLM.from_pretrained(args.model).eval()
+    device = device_of(args)
+    model = BTSForCausalLM.from_pretrained(args.model, dtype=members_dtype_of(args, device), device_map=device).eval()
     text = Path(args.text).read_text(encoding="utf-8") if Path(args.text).is_file() else args.text
     if not text.strip():
         raise BTSError("TEXT_OR_FILE is empty; give some text or a non-empty file.")

@@ -6,6 +6,11 @@ offline task YAMLs whenever a bts_* task is requested, e.g.
 
     bts lm-eval --model hf --model_args pretrained=out/bts --tasks bts_mmlu_math,bts_gsm8k_ll --device cpu
 
+The device is bts's choice (bts.core.device): `--device auto|cpu|cuda|cuda:N` (default auto: the GPU when there is
+one; CUDA asked for where there is none is refused in one sentence), and `--members-dtype auto|float32|bfloat16|
+float16` (default auto: bfloat16 on a GPU, float32 on a CPU) becomes `dtype=` in --model_args unless those name one.
+A stitched model's members are read straight onto that device.
+
 Needs the optional extra: pip install 'bts[eval]'.
 """
 

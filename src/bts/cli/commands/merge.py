@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bts.cli.devices import add_device_arguments, device_of
 from bts.errors import BTSError
 
 HELP = "Merge a seed and its experts into one model (soup, task_arithmetic, ties, dare_linear, dare_ties)."
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: on for ties, off otherwise, as in mergekit)")
     p.add_argument("--random-seed", type=int, default=None, help="dare_*: seed of the drop masks (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    add_device_arguments(p, members_dtype=False)  # the merge is written in the seed's own dtype
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,13 +38,14 @@ def run(args: argparse.Namespace) -> int:
     params = dict(lam=args.lam, density=args.density, drop_rate=args.drop_rate, normalize=args.normalize,
                   random_seed=args.random_seed)
     resolve_params(args.method, **params)  # bad settings fail before anything is loaded
+    device_of(args)  # and a missing GPU
     out = Path(args.out)
     check_out_dir(out, args.force)
     members = [Path(args.seed)] + [Path(e) for e in args.experts]
     for m in members:  # --force must never delete a member it is about to read
         if m.exists() and out.exists() and (m.resolve() == out.resolve() or out.resolve() in m.resolve().parents):
             raise BTSError(f"out '{out}' is (or contains) the member directory '{m}'; choose another --out.")
-    model = merge_models(args.seed, args.experts, args.method, **params)
+    model = merge_models(args.seed, args.experts, args.method, device=device_of(args), **params)
     save_merged(model, model._bts_merge["seed"], out, force=args.force)
     print(f"wrote {args.method} merge of {len(args.experts) + 1} members to {out}")
     return 0

@@ -6,6 +6,7 @@ as it is; --retrain-steps trains every stitch parameter briefly on the run's sti
 
 from pathlib import Path
 
+from bts.cli.devices import add_device_arguments, device_of, members_dtype_of
 from bts.errors import BTSError
 
 HELP = "remove an expert from a stitched model (gates renormalised), optionally retrain the stitches briefly"
@@ -18,6 +19,7 @@ def add_arguments(p):
     p.add_argument("--retrain-steps", type=int, default=0, help="stitch training steps afterwards (default 0)")
     p.add_argument("--run-dir", help="a pipeline run whose data streams and stitch mix retrain the stitches")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    add_device_arguments(p)
 
 
 def run(args):
@@ -33,8 +35,10 @@ def run(args):
         raise BTSError(f"--retrain-steps must be 0 or more (got {args.retrain_steps}).")
     if args.retrain_steps and not args.run_dir:
         raise BTSError(f"--retrain-steps {args.retrain_steps} needs training data: pass --run-dir of a pipeline run.")
+    device = device_of(args)
+    dtype = members_dtype_of(args, device)
     run_ = load_run(args.run_dir) if args.run_dir else None
-    reduced = remove_expert(BTSForCausalLM.from_pretrained(args.stitched), args.name)
+    reduced = remove_expert(BTSForCausalLM.from_pretrained(args.stitched, dtype=dtype, device_map=device), args.name)
     if args.retrain_steps:
         mix = stitch_mix_for(run_, list(reduced.config.expert_names))
         result = train_stitches(reduced, run_.batcher(mix, run_.recipe.stitch.train, salt=13),

@@ -1,5 +1,6 @@
 """`bts run RECIPE [key=value ...]`: run the pipeline of a recipe (a YAML file or a built-in name)."""
 
+from bts.cli.devices import add_device_arguments, recipe_overrides
 from bts.pipeline.run import STAGES, Run
 from bts.pipeline.recipe import builtin_recipes, load_recipe
 
@@ -19,14 +20,16 @@ def add_run_arguments(p):
     p.add_argument("--print-expert-commands", action="store_true",
                    help="print one `bts run … --stages expert:<domain>` command per expert (to launch as separate "
                         "jobs, e.g. a Slurm array) and exit")
+    add_device_arguments(p)  # override the recipe's device / members_dtype
 
 
 def run(args, recipe_name=None):
-    recipe = load_recipe(recipe_name or args.recipe, args.overrides)
+    overrides = [*(args.overrides or []), *recipe_overrides(args)]
+    recipe = load_recipe(recipe_name or args.recipe, overrides)
     if getattr(args, "print_expert_commands", False):
         from bts.train.distributed import expert_commands
 
-        print("\n".join(expert_commands(recipe_name or args.recipe, recipe, args.run_dir, args.overrides)))
+        print("\n".join(expert_commands(recipe_name or args.recipe, recipe, args.run_dir, overrides)))
         return 0
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     runner = Run(recipe, args.run_dir)

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from bts.atomic import atomic_write_text
+from bts.core.device import check_members_dtype, members_dtype, resolve_device
 from bts.eval.downstream.scoring import GSM8K_STOPS, _device, model_max_length
 from bts.eval.downstream.tasks import TASKS, default_cache_dir, ensure_tasks, parse_task_list
 from bts.errors import BTSError
@@ -139,7 +140,7 @@ def cli(argv: list[str]) -> int:
     import bts  # noqa: F401  (registers model_type "bts" with AutoModelForCausalLM)
     from lm_eval.__main__ import cli_evaluate
 
-    argv = list(argv)
+    argv = device_argv(list(argv))
     requested = _flag_value(argv, "--tasks") or ""
     wanted = [t.removeprefix(PREFIX) for t in requested.split(",") if t.startswith(PREFIX)]
     if wanted and _flag_value(argv, "--include_path") is None:
@@ -154,6 +155,37 @@ def cli(argv: list[str]) -> int:
     finally:
         sys.argv = old
     return int(result or 0) if isinstance(result, int) else 0
+
+
+def device_argv(argv: list[str]) -> list[str]:
+    """lm-eval's arguments with bts's device choice made explicit: `--device` resolved by bts.core.device (auto:
+    this machine's GPU when there is one; CUDA asked for where there is none is refused in one sentence), and
+    bts's `--members-dtype` (auto: bfloat16 on a GPU, float32 on a CPU) passed as `dtype=` in --model_args unless
+    those already name a dtype."""
+    if any(a in ("-h", "--help") for a in argv):
+        return argv
+    spec = _flag_value(argv, "--members-dtype")
+    argv = _without_flag(argv, "--members-dtype")
+    check_members_dtype(spec or "auto", "--members-dtype")
+    device = resolve_device(_flag_value(argv, "--device") or "auto", "--device")
+    argv = [*_without_flag(argv, "--device"), "--device", str(device)]
+    model_args = _flag_value(argv, "--model_args")
+    if model_args is not None and not model_args.lstrip().startswith("{") and "dtype=" not in model_args:
+        dtype = str(members_dtype(spec or "auto", device)).removeprefix("torch.")
+        argv = [*_without_flag(argv, "--model_args"), "--model_args", f"{model_args},dtype={dtype}".lstrip(",")]
+    return argv
+
+
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = i + 1 < len(argv)
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bts.atomic import atomic_write_json, atomic_write_text
+from bts.core.device import model_device
 from bts.eval.downstream import sandbox
 from bts.eval.downstream.tasks import TASKS, TaskSpec, ensure_tasks, load_task, parse_task_list
 from bts.errors import BTSError
@@ -37,8 +38,8 @@ GSM8K_STOPS = ["\n\n", "Question:"]
 
 # ---- model plumbing --------------------------------------------------------------------------------------------
 def _device(model) -> torch.device:
-    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return p.device if p is not None else torch.device("cpu")
+    """Where the model is: its batches are built there (bts.core.device.model_device; the CPU for a stand-in)."""
+    return model_device(model) if hasattr(model, "parameters") else torch.device("cpu")
 
 
 def model_max_length(model, tokenizer, max_length: int | None = None) -> int:
