@@ -16,7 +16,8 @@ Layout of a run directory:
     recipe.yaml, env.json                 resolved recipe, package versions, git commit
     data/<domain>/{train,val,heldout}.jsonl, provenance.json
     tokenizer/                            (when no seed model is given)
-    models/seed, models/expert-<domain>, models/bts, models/<baseline>
+    models/seed, models/expert-<domain>, models/bts, models/<baseline>   (a given seed or expert stays where it
+                                          is: its marker records folder + sha256; RunData.model_dir)
     train/<phase>/metrics.jsonl, ckpt/    per training phase
     eval/<method>.json, eval/gates.json   held-out scores per method; the stitched model's gates (for the report)
     results.json, report/{report.md, report.html, *.png}

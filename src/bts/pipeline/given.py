@@ -1,0 +1,56 @@
+"""Members the user gives rather than the pipeline trains: a seed (`seed_model.path`), experts (`experts.paths`),
+or the hub and experts of `bts stitch`.
+
+A given member is used as it is and referenced, never copied: real checkpoints are many gigabytes, so a run
+records its resolved folder and weights sha256 (`reference`) and every consumer asks the run for a member's folder
+(RunData.model_dir). Before anything is written the members are checked cheaply (`check_members`: configs and
+tokenizer files, no weights read), so a wrong path, a foreign tokenizer or an incompatible shape is one sentence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from bts.core.members import (Member, check_compatible, load_config, resolve_dir, tokenizer_fingerprint,
+                              weights_sha256)
+from bts.errors import BTSError
+
+
+def check_members(hub: tuple[str, str], experts: dict[str, tuple[str, str]]) -> None:
+    """hub: (where, spec); experts: name -> (where, spec), `where` naming the key or flag in the error. Each must be
+    a model folder (or a hub id in the local cache) with a readable config of a supported family and safetensors
+    weights; the hub must ship a tokenizer (the run tokenizes with it); every expert must share the hub's shape and
+    tokenizer (bts.core.members.check_compatible, asked of the configs alone)."""
+    hub_member = _member("hub", *hub)
+    if tokenizer_fingerprint(hub_member.path) is None:
+        raise BTSError(f"{hub[0]} '{hub[1]}' has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+                       "the data is tokenized with the hub's tokenizer.")
+    members = [_member(name, where, spec) for name, (where, spec) in experts.items()]
+    for m, (where, spec) in zip(members, experts.values()):
+        try:
+            check_compatible(hub_member, [m])
+        except BTSError as exc:  # name the key or flag the user wrote, then the reason
+            raise BTSError(f"{where} '{spec}': {exc}") from None
+
+
+def _member(name: str, where: str, spec: str) -> Member:
+    model_dir, config = load_config(spec, where)
+    if not list(Path(model_dir).glob("*.safetensors")):
+        raise BTSError(f"{where} '{spec}' has no .safetensors weights (bts reads safetensors only).")
+    return Member(name, SimpleNamespace(config=config), str(model_dir))
+
+
+def check_recipe_members(recipe) -> None:
+    """The recipe's given seed and experts, checked before a run writes anything."""
+    seed = recipe.seed_model.path
+    if not seed:
+        return  # recipe loading refuses experts.paths without seed_model.path
+    check_members(("seed_model.path", seed),
+                  {d: (f"experts.paths.{d}", spec) for d, spec in recipe.experts.paths.items()})
+
+
+def reference(spec: str, where: str) -> dict:
+    """What a stage marker records of a given member: its resolved folder and weights hash."""
+    model_dir = resolve_dir(spec, where).resolve()
+    return {"trained": False, "given": spec, "path": str(model_dir), "sha256": weights_sha256(model_dir)}
