@@ -157,7 +157,7 @@ def swap_expert(members, out, expert):
     ("hfid", "--data-hf 'nobody/not-cached' (config '', split 'train') could not be loaded"),
     ("short", "the text of --data / --data-hf is"),
     ("override", "stitch.general_weight is not a bts stitch option"),
-    ("layout", "stitch.num_stitches must be at most the hub's 4 layers (got 9)."),
+    ("layout", "stitch.num_stitches must be at most the 4 layers of --hub '{m}/hub' (got 9)."),
     ("lr", "train.lr must be positive (got -1.0)."),
     ("device", "--device is 'cuda' but torch"),
 ])
@@ -211,3 +211,16 @@ def test_another_command_in_a_previous_out_is_refused_and_force_starts_over(memb
     assert job["complete"] and job["command"]["options"]["train"]["steps"] == STEPS + 2
     metrics = [json.loads(x)["step"] for x in (out / "training" / "metrics.jsonl").read_text().splitlines()]
     assert metrics == list(range(1, STEPS + 3))  # trained from step 0 again, not resumed from the other run
+
+
+def test_a_gpu_reported_present_is_used_not_skipped(members, tmp_path, monkeypatch):
+    """With torch.cuda.is_available patched to report a GPU, --device auto moves the model to CUDA (which this
+    CPU-only torch then cannot do) instead of silently training on the CPU; nothing is written."""
+    from bts.pipeline.stitch_job import stitch_job
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "out"
+    with pytest.raises((AssertionError, RuntimeError), match="(?i)cuda"):
+        stitch_job(str(members / "hub"), [str(members / "code")], DATA, steps=2, out=out, overrides=SETTINGS)
+    assert not out.exists()

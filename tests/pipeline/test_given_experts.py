@@ -107,6 +107,13 @@ def test_a_given_expert_needs_a_given_seed(members):
         load_recipe("smoke", [f"seed_model.path={members[0]}", "experts.paths={poetry: /x}"])
 
 
+def test_a_stitch_layout_the_given_seed_cannot_hold_is_refused_before_anything_is_written(members, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(BTSError, match=r"stitch.num_stitches must be at most the 4 layers of seed_model.path"):
+        Run(recipe_for(members[0], {"code": members[1]}, ["stitch.num_stitches=5"]), out).all()
+    assert not out.exists()
+
+
 def bad_members(members):
     hub, code, tok, root = members
     if not (root / "wide").exists():

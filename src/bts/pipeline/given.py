@@ -48,6 +48,19 @@ def check_recipe_members(recipe) -> None:
         return  # recipe loading refuses experts.paths without seed_model.path
     check_members(("seed_model.path", seed),
                   {d: (f"experts.paths.{d}", spec) for d, spec in recipe.experts.paths.items()})
+    check_layout(recipe.stitch, seed, "seed_model.path")
+
+
+def check_layout(stitch, hub: str, where: str) -> None:
+    """stitch.num_stitches / stitch.positions against a given hub's layer count (its config alone)."""
+    layers = load_config(hub, where)[1].num_hidden_layers
+    s = stitch
+    if s.positions and (any(not 1 <= p <= layers for p in s.positions) or s.positions != sorted(set(s.positions))):
+        raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} (the layers of {where} "
+                       f"'{hub}') (got {s.positions}).")
+    if not s.positions and s.num_stitches > layers:
+        raise BTSError(f"stitch.num_stitches must be at most the {layers} layers of {where} '{hub}' "
+                       f"(got {s.num_stitches}).")
 
 
 def reference(spec: str, where: str) -> dict:

@@ -31,10 +31,10 @@ import torch
 from bts.atomic import atomic_write_json
 from bts.baselines.base import positive
 from bts.core.device import members_dtype, resolve_device, to_device
-from bts.core.members import load_config, resolve_dir
+from bts.core.members import resolve_dir
 from bts.core.stitch import check_stitch_options
 from bts.errors import BTSError
-from bts.pipeline.given import check_members
+from bts.pipeline.given import check_layout, check_members
 from bts.pipeline.recipe import DataConfig, DomainSpec, StitchConfig, _apply_override, _build, _check_train
 from bts.pipeline.rundir import _first_difference
 from bts.train.config import TrainConfig
@@ -116,7 +116,7 @@ def stitch_job(hub: str, experts: list[str], data=(), data_hf=(), *, steps: int,
     if len(set(names)) != len(names) or "hub" in names:
         raise BTSError(f"expert names must be unique and not 'hub' (got {names}); pass --names.")
     check_members(("--hub", hub), {n: ("--experts", e) for n, e in zip(names, experts)})
-    _check_layout(opts.stitch, hub)
+    check_layout(opts.stitch, hub, "--hub")
     sources = _sources(data, data_hf, opts.data)
     out = Path(out)
     record = {"schema": SCHEMA, "hub": hub, "experts": list(experts), "names": names, "data": list(data),
@@ -172,16 +172,6 @@ def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, record
     print(f"bts: saved {out} (final loss {result.final_loss:.4f}, {time.perf_counter() - t0:.0f}s); load it with "
           f"import bts; AutoModelForCausalLM.from_pretrained('{out}')", file=sys.stderr, flush=True)
     return model
-
-
-def _check_layout(s: StitchConfig, hub: str) -> None:
-    """The stitch positions against the hub's layer count (its config alone)."""
-    layers = load_config(hub, "--hub")[1].num_hidden_layers
-    if s.positions and (any(not 1 <= p <= layers for p in s.positions) or s.positions != sorted(set(s.positions))):
-        raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} (the hub's layers) "
-                       f"(got {s.positions}).")
-    if not s.positions and s.num_stitches > layers:
-        raise BTSError(f"stitch.num_stitches must be at most the hub's {layers} layers (got {s.num_stitches}).")
 
 
 def _sources(data, data_hf, d: dict) -> list[tuple[str, dict]]:
