@@ -146,10 +146,11 @@ def stitch_job(hub: str, experts: list[str], data=(), data_hf=(), *, steps: int,
         shutil.rmtree(out / STATE)  # another command's training state must not be resumed into this one
     atomic_write_json(out / STATE / "job.json", {"command": record, "tokens_sha256": digest, "tokens": len(stream),
                                                  "complete": False})
-    return _train_and_save(model, tok, stream, opts, out, dev, record, digest)
+    return _train_and_save(model, tok, stream, opts, out, dev, record, digest, resuming=previous is not None)
 
 
-def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, record: dict, digest: str):
+def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, record: dict, digest: str,
+                    resuming: bool):
     from bts.data.streams import Batcher
     from bts.train.loop import train
 
@@ -160,7 +161,8 @@ def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, record
     n = sum(p.numel() for p in trainable.values())
     print(f"bts: stitching {len(model.config.expert_names)} experts into the hub: stitches after blocks "
           f"{model.config.stitch_positions}, {n:,} trainable parameters, {len(stream):,} tokens of text, "
-          f"{cfg.steps} steps on {dev}", file=sys.stderr, flush=True)
+          f"{cfg.steps} steps on {dev}{'; resuming from the last checkpoint' if resuming else ''}", file=sys.stderr,
+          flush=True)
     t0 = time.perf_counter()
     result = train(model, trainable, lambda step: [to_device(m, dev) for m in batcher(step)], cfg, out / STATE,
                    desc="stitch", seed=opts.seed)
