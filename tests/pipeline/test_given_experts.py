@@ -160,3 +160,28 @@ def test_bad_given_seed_is_refused_by_the_cli_in_one_line(members, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("bts: error: seed_model.path '") and "has no readable config.json" in lines[0]
     assert not out.exists()
+
+
+def test_a_given_expert_may_be_a_hub_id_in_the_local_cache(members, tmp_path, monkeypatch):
+    """A hub id resolves to its cached snapshot (nothing is downloaded), is checked like a folder, and the marker
+    records the snapshot folder and its weights' hash."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from bts.pipeline.given import check_recipe_members, reference
+
+    snapshot = tmp_path / "hub-cache" / "models--local--tiny-code" / "snapshots" / "abc123"
+    shutil.copytree(members[1], snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    recipe = recipe_for(members[0], {"code": "local/tiny-code"})
+    check_recipe_members(recipe)
+    run = Run(recipe, tmp_path / "run")
+    assert run.model_dir("expert-code") == snapshot and run.model_dir("expert-math") == run.path("models",
+                                                                                                "expert-math")
+    assert reference("local/tiny-code", "experts.paths.code") == {
+        "trained": False, "given": "local/tiny-code", "path": str(snapshot.resolve()),
+        "sha256": weights_sha256(members[1])}
+    assert not (tmp_path / "run").exists()
