@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VOCAB, assert_causal, open_stitches, random_ids, save_members
+from helpers import VOCAB, assert_causal, open_stitches, random_ids, save_members, tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bts import BTSError, BTSForCausalLM
@@ -191,6 +191,7 @@ def test_running_a_recipe_whose_hub_is_not_cached_is_one_sentence_and_writes_not
 
 def test_a_given_expert_that_is_not_cached_is_named_before_anything_is_written(tmp_path, monkeypatch, capsys):
     hub_dir, _ = save_members(tmp_path / "m", "qwen2", 1)  # a local hub: the expert is what is missing
+    tiny_tokenizer().save_pretrained(hub_dir)  # the run tokenizes with the hub's tokenizer
     work = _empty_cache(tmp_path, monkeypatch)
     run_dir = work / "run"
     assert main(["run", "qwen2.5-1.5b-code-math", f"seed_model.path={hub_dir}", "--run-dir", str(run_dir)]) == 2

@@ -345,7 +345,7 @@ class BAMBaseline(Baseline):
         counts = bam_parameter_counts(model)
         result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe))
         if distributed.is_main():
-            write_model_dir(model, run.path("models", self.name), tokenizer_from=seed)
+            write_model_dir(model, run.model_dir(self.name), tokenizer_from=seed)
         return {**result, **accounting(counts)}
 
     def load(self, path, info: dict, device=None, dtype=None):

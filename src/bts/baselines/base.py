@@ -4,7 +4,7 @@ them), and what they share: the run's members, training on the stitch's datamix,
     baseline.name                   the recipe's and results.json's name (`baselines.methods`)
     baseline.options                the recipe keys under `baselines.` it reads
     baseline.check(b, prefix)       refuses a bad value of one of those, one sentence naming the dotted key
-    baseline.build(run) -> dict     makes (and, if trained, trains) it under run.path("models", name); returns what
+    baseline.build(run) -> dict     makes (and, if trained, trains) it under run.model_dir(name); returns what
                                     its stage marker records
     baseline.load(path, info, device=None, dtype=None)
                                     -> (the model to evaluate, its accounting: trainable_params, total_params,
@@ -12,7 +12,7 @@ them), and what they share: the run's members, training on the stitch's datamix,
                                     (the run's members_dtype; default: the CPU, float32)
     baseline.budget(recipe)         the training phase it uses (TrainConfig), None when untrained; `trained` says so
 
-`run` is the pipeline's run (bts.pipeline.run.Run): recipe, path(), domains, stream(), batcher(), stitch_mix().
+`run` is the pipeline's run (bts.pipeline.run.Run): recipe, path(), model_dir(), domains, stream(), batcher(), stitch_mix().
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def positive(value, where: str) -> None:
 
 def run_members(run) -> tuple[str, list[str]]:
     """The run's seed and expert folders (seed first, experts in the recipe's order)."""
-    return str(run.path("models", "seed")), [str(run.path("models", f"expert-{d}")) for d in run.recipe.expert_domains]
+    return str(run.model_dir("seed")), [str(run.model_dir(f"expert-{d}")) for d in run.recipe.expert_domains]
 
 
 def train_on_stitch_mix(run, name: str, model, trainable: dict, cfg, **kwargs) -> dict:

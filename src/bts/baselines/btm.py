@@ -267,7 +267,7 @@ class BTMBaseline(Baseline):
         model = BTMEnsemble.from_members([seed, *experts], names=["seed", *run.recipe.expert_domains],
                                          dtype=run.members_dtype, device=run.device)
         if distributed.is_main():  # under torchrun every rank builds it; rank 0 writes it
-            model.save_pretrained(run.path("models", self.name))
+            model.save_pretrained(run.model_dir(self.name))
         return {}
 
     def load(self, path, info: dict, device=None, dtype=None):

@@ -314,7 +314,7 @@ class BTXBaseline(Baseline):
         result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe),
                                      step_hook=functools.partial(set_btx_step, model))
         if distributed.is_main():
-            save_btx(model, run.path("models", self.name), force=True, tokenizer_from=seed)
+            save_btx(model, run.model_dir(self.name), force=True, tokenizer_from=seed)
         return {**result, "trainable_params": counts["trainable"], "total_params": counts["total"],
                 "active_params": counts["active"]}
 

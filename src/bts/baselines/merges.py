@@ -369,7 +369,7 @@ class MergeBaseline(Baseline):
             chosen = {"sweep": {key: {str(v): round(s, 4) for v, s in scores.items()}}, "selected_on": "val"}
         model = merge_models(seed, experts, self.method, device=run.device, **params)
         if distributed.is_main():  # under torchrun every rank builds it; rank 0 writes it
-            save_merged(model, seed, run.path("models", self.name), force=True)
+            save_merged(model, seed, run.model_dir(self.name), force=True)
         return {"params": params, **chosen}
 
     def load(self, path, info: dict, device=None, dtype=None):

@@ -320,7 +320,7 @@ class RoutingBaseline(Baseline):
         result = train_on_stitch_mix(run, self.name, model, trainable, self.budget(run.recipe),
                                      loss_fn=routing_loss_fn)
         if distributed.is_main():
-            model.save_pretrained(run.path("models", self.name))
+            model.save_pretrained(run.model_dir(self.name))
         return result
 
     def load(self, path, info: dict, device=None, dtype=None):

@@ -1,21 +1,69 @@
-"""Models a recipe gives rather than trains (seed_model.path, experts.paths): each must be a local directory or a
-hub id already in the local cache, checked before a run writes anything, so a missing checkpoint is one sentence
-and not a half-made run directory (nothing is ever downloaded behind the user's back)."""
+"""Members the user gives rather than the pipeline trains: a seed (`seed_model.path`), experts (`experts.paths`),
+or the hub and experts of `bts stitch`.
+
+A given member is used as it is and referenced, never copied: real checkpoints are many gigabytes, so a run
+records its resolved folder and weights sha256 (`reference`) and every consumer asks the run for a member's folder
+(RunData.model_dir). Before anything is written the members are checked cheaply (`check_members`: configs and
+tokenizer files, no weights read), so a wrong path, a foreign tokenizer or an incompatible shape is one sentence.
+"""
 
 from __future__ import annotations
 
-from bts.core.members import resolve_dir
-from bts.pipeline.recipe import Recipe
+from pathlib import Path
+from types import SimpleNamespace
 
-# Stages that read only the run directory's files: they need no member.
-NO_MEMBERS = {"report"}
+from bts.core.members import (Member, check_compatible, load_config, resolve_dir, tokenizer_fingerprint,
+                              weights_sha256)
+from bts.errors import BTSError
 
 
-def check_given_models(recipe: Recipe, stages: list[str] | None = None) -> None:
-    """Refuse (BTSError, one sentence) a given model that is neither a directory nor cached."""
-    if stages and set(stages) <= NO_MEMBERS:
-        return
-    if recipe.seed_model.path:
-        resolve_dir(recipe.seed_model.path, "seed_model.path")
-    for domain, spec in recipe.experts.paths.items():
-        resolve_dir(str(spec), f"experts.paths.{domain}")
+def check_members(hub: tuple[str, str], experts: dict[str, tuple[str, str]]) -> None:
+    """hub: (where, spec); experts: name -> (where, spec), `where` naming the key or flag in the error. Each must be
+    a model folder (or a hub id in the local cache) with a readable config of a supported family and safetensors
+    weights; the hub must ship a tokenizer (the run tokenizes with it); every expert must share the hub's shape and
+    tokenizer (bts.core.members.check_compatible, asked of the configs alone)."""
+    hub_member = _member("hub", *hub)
+    if tokenizer_fingerprint(hub_member.path) is None:
+        raise BTSError(f"{hub[0]} '{hub[1]}' has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+                       "the data is tokenized with the hub's tokenizer.")
+    members = [_member(name, where, spec) for name, (where, spec) in experts.items()]
+    for m, (where, spec) in zip(members, experts.values()):
+        try:
+            check_compatible(hub_member, [m])
+        except BTSError as exc:  # name the key or flag the user wrote, then the reason
+            raise BTSError(f"{where} '{spec}': {exc}") from None
+
+
+def _member(name: str, where: str, spec: str) -> Member:
+    model_dir, config = load_config(spec, where)
+    if not list(Path(model_dir).glob("*.safetensors")):
+        raise BTSError(f"{where} '{spec}' has no .safetensors weights (bts reads safetensors only).")
+    return Member(name, SimpleNamespace(config=config), str(model_dir))
+
+
+def check_recipe_members(recipe) -> None:
+    """The recipe's given seed and experts, checked before a run writes anything."""
+    seed = recipe.seed_model.path
+    if not seed:
+        return  # recipe loading refuses experts.paths without seed_model.path
+    check_members(("seed_model.path", seed),
+                  {d: (f"experts.paths.{d}", spec) for d, spec in recipe.experts.paths.items()})
+    check_layout(recipe.stitch, seed, "seed_model.path")
+
+
+def check_layout(stitch, hub: str, where: str) -> None:
+    """stitch.num_stitches / stitch.positions against a given hub's layer count (its config alone)."""
+    layers = load_config(hub, where)[1].num_hidden_layers
+    s = stitch
+    if s.positions and (any(not 1 <= p <= layers for p in s.positions) or s.positions != sorted(set(s.positions))):
+        raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} (the layers of {where} "
+                       f"'{hub}') (got {s.positions}).")
+    if not s.positions and s.num_stitches > layers:
+        raise BTSError(f"stitch.num_stitches must be at most the {layers} layers of {where} '{hub}' "
+                       f"(got {s.num_stitches}).")
+
+
+def reference(spec: str, where: str) -> dict:
+    """What a stage marker records of a given member: its resolved folder and weights hash."""
+    model_dir = resolve_dir(spec, where).resolve()
+    return {"trained": False, "given": spec, "path": str(model_dir), "sha256": weights_sha256(model_dir)}

@@ -137,10 +137,10 @@ def measure_modularity(run, *, add_fraction: float = 0.25, retrain_fraction: flo
                "settings": {"add_fraction": add_fraction, "retrain_fraction": retrain_fraction,
                             "focus_weight": focus_weight, "sparse": sparse, "heldout_tokens": budget}}
 
-    seed, _ = load_hf(run.path("models", "seed"), run.device, run.members_dtype)  # on the run's device
+    seed, _ = load_hf(run.model_dir("seed"), run.device, run.members_dtype)  # on the run's device
     results["seed"] = losses(seed)
     del seed
-    full, _ = load_bts(run.path("models", "bts"), run.device, run.members_dtype)
+    full, _ = load_bts(run.model_dir("bts"), run.device, run.members_dtype)
     results["full"] = losses(full)
     results["gates"] = gate_table(full, {d: w[:8] for d, w in windows.items()})
     ids, bounds = run.switch_text()
@@ -171,7 +171,7 @@ def _add_and_remove(run, results, full, experts, losses, batches, out, add_fract
     train_stitches(base, batches(stitch_mix_for(run, rest), 7), run.recipe.stitch.train,
                    out / "train" / f"without-{last}", desc=f"stitch without {last}", seed=run.recipe.seed)
     add = {"expert": last, "steps": add_steps, "without": losses(base)}
-    expert_dir = str(run.path("models", f"expert-{last}"))
+    expert_dir = str(run.model_dir(f"expert-{last}"))
     for mode in ("new", "all"):
         grown = add_expert(base, expert_dir, name=last)
         # the exactness check on real text: the grown model before training scores what the smaller one did

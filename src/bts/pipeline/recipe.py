@@ -69,7 +69,8 @@ class SeedConfig:
 @dataclass
 class ExpertsConfig:
     domains: list = field(default_factory=list)  # empty: one expert per data domain
-    paths: dict = field(default_factory=dict)  # domain -> model dir or hub id: given experts, used as they are
+    # domain -> a model folder or cached hub id: that expert is used as it is (referenced, not copied), not trained
+    paths: dict = field(default_factory=dict)
     # False: continue pretraining the transformer blocks only, keeping the seed's embeddings and LM head. BTS never
     # uses an expert's head, so what an expert learns there is lost to the stitched model (docs/ablations.md).
     train_embeddings: bool = True
@@ -216,6 +217,7 @@ def _check(recipe: Recipe) -> None:
                      ("stitch.train", recipe.stitch.train)):
         _check_train(t, where)
     _known_once(recipe.experts.domains, recipe.data.domains, "experts.domains", "in data.domains")
+    _check_expert_paths(recipe)
     _check_stitch(recipe)
     b = recipe.baselines
     _known_once(b.methods, REGISTRY, "baselines.methods", "a baseline")
@@ -231,6 +233,20 @@ def _check(recipe: Recipe) -> None:
     if m.enabled and len(recipe.expert_domains) < 2:
         raise BTSError(f"modularity.enabled needs at least 2 experts (experts.domains gives "
                        f"{recipe.expert_domains}).")
+
+
+def _check_expert_paths(recipe: Recipe) -> None:
+    """Given experts: of expert domains (whose data still scores them), as paths, next to a given hub. Whether
+    they are models that fit the hub is asked when the run starts (bts.pipeline.given.check_recipe_members)."""
+    for d, spec in recipe.experts.paths.items():
+        if d not in recipe.expert_domains:
+            raise BTSError(f"experts.paths names '{d}', which is not an expert domain "
+                           f"({', '.join(recipe.expert_domains)}).")
+        if not isinstance(spec, str) or not spec.strip():
+            raise BTSError(f"experts.paths.{d} must be a model folder or hub id (got {spec!r}).")
+    if recipe.experts.paths and not recipe.seed_model.path:
+        raise BTSError(f"experts.paths gives the expert '{next(iter(recipe.experts.paths))}' but seed_model.path "
+                       "is empty; a given expert needs the hub it was branched from as seed_model.path.")
 
 
 def _known_once(values: list, known, where: str, what: str) -> None:

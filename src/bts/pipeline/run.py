@@ -16,7 +16,8 @@ Layout of a run directory:
     recipe.yaml, env.json                 resolved recipe, package versions, git commit
     data/<domain>/{train,val,heldout}.jsonl, provenance.json
     tokenizer/                            (when no seed model is given)
-    models/seed, models/expert-<domain>, models/bts, models/<baseline>
+    models/seed, models/expert-<domain>, models/bts, models/<baseline>   (a given seed or expert stays where it
+                                          is: its marker records folder + sha256; RunData.model_dir)
     train/<phase>/metrics.jsonl, ckpt/    per training phase
     eval/<method>.json, eval/gates.json   held-out scores per method; the stitched model's gates (for the report)
     results.json, report/{report.md, report.html, *.png}
@@ -25,7 +26,6 @@ Layout of a run directory:
 
 from __future__ import annotations
 
-from bts.pipeline.given import check_given_models
 from bts.pipeline.rundata import RunData, load_run_data
 from bts.pipeline.stages import PARALLEL_STAGES, STAGES, run_stages
 
@@ -36,7 +36,6 @@ class Run(RunData):
     def all(self, only: list[str] | None = None) -> dict | None:
         """Run the stages (all, or `only`: names from STAGES plus expert:<domain>) in order; results.json's
         content when there is one."""
-        check_given_models(self.recipe, only)  # given models that are not there: one sentence, nothing written
         return run_stages(self, only)
 
 

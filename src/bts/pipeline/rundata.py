@@ -72,11 +72,8 @@ class RunData:
             return self._tokenizer
         from transformers import AutoTokenizer
 
-        seed_path = self.recipe.seed_model.path
-        if seed_path:
-            from bts.core.members import resolve_dir
-
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_dir(seed_path, "seed_model.path"))
+        if self.recipe.seed_model.path:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir("seed"))
             return self._tokenizer
         if not self.done("tokenizer"):  # the tokenizer stage
             self._train_tokenizer()
@@ -153,6 +150,26 @@ class RunData:
         return torch.cat(pieces), bounds
 
     # ---- models ----------------------------------------------------------------------------------------------
+    def model_dir(self, name: str) -> Path:
+        """The folder of model `name` (seed, expert-<domain>, bts, a baseline's name), for every stage that reads
+        or writes one: a given member's own folder (seed_model.path, experts.paths; as its stage marker recorded
+        it, else resolved from the recipe), else models/<name> in the run directory."""
+        if name == "seed":
+            spec, where, stage = self.recipe.seed_model.path, "seed_model.path", "seed"
+        elif name.startswith("expert-") and name[len("expert-"):] in self.recipe.experts.paths:
+            domain = name[len("expert-"):]
+            spec, where, stage = self.recipe.experts.paths[domain], f"experts.paths.{domain}", f"expert:{domain}"
+        else:
+            spec = ""
+        if not spec:
+            return self.path("models", name)
+        recorded = (self.done(stage) or {}).get("path")
+        if recorded:
+            return Path(recorded)
+        from bts.core.members import resolve_dir
+
+        return resolve_dir(spec, where)
+
     def build_stitched(self):
         """A fresh stitched model over the run's seed and experts, with the recipe's stitch layout: members read
         onto the run's device in members_dtype, fp32 stitches."""
@@ -161,7 +178,7 @@ class RunData:
         s = self.recipe.stitch
         experts = self.recipe.expert_domains
         return BTSForCausalLM.from_members(
-            str(self.path("models", "seed")), [str(self.path("models", f"expert-{d}")) for d in experts],
+            str(self.model_dir("seed")), [str(self.model_dir(f"expert-{d}")) for d in experts],
             names=experts, hub_name="seed", num_stitches=s.num_stitches, positions=s.positions or None,
             all_e2h=s.all_e2h, init=s.init, beta=s.beta, gate_dropout=s.gate_dropout, expert_stream=s.expert_stream,
             dtype=self.members_dtype, device=self.device)

@@ -59,6 +59,9 @@ def stage(marker: str, *, when: Callable | None = None, still_done: Callable | N
 def budget(run, phase: str) -> dict | None:
     """What a training phase trains on and for how long (the report's budget table); None: it does not train."""
     r = run.recipe
+    if (phase == "seed" and r.seed_model.path
+            or phase.startswith("expert:") and phase.split(":", 1)[1] in r.experts.paths):
+        return None  # given, not trained
     if phase == "seed":
         data, cfg = "all domains equally", r.seed_model.train
     elif phase.startswith("expert:"):
@@ -110,18 +113,15 @@ def tokenizer(run) -> None:
 
 @stage("seed")
 def seed(run, info) -> None:
-    out = run.path("models", "seed")
+    out = run.model_dir("seed")
     rs = run.recipe.seed_model
+    if rs.path:  # a given pretrained seed: referenced by folder and weights hash, never copied
+        from bts.pipeline.given import reference
+
+        info.update(reference(rs.path, "seed_model.path"))
+        return
     tok = run.tokenizer()
     info["budget"] = budget(run, "seed")
-    if rs.path:  # a given pretrained seed: copy it in as it is
-        from bts.core.members import load_causal_lm
-
-        model, _ = load_causal_lm(rs.path, "seed_model.path")
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        info.update(trained=False, params=count_params(model))
-        return
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(run.recipe.seed)
@@ -152,11 +152,16 @@ def _needs_seed(run, domain: str) -> None:
 def expert(run, info, domain: str) -> None:
     from transformers import AutoModelForCausalLM
 
+    if domain in run.recipe.experts.paths:  # a given expert: referenced, not trained
+        from bts.pipeline.given import reference
+
+        info.update(reference(run.recipe.experts.paths[domain], f"experts.paths.{domain}"))
+        return
     cfg = run.recipe.experts.train
     from bts.core.device import load_kwargs
 
     # Every weight trains: fp32 master weights, read straight onto the run's device.
-    model = AutoModelForCausalLM.from_pretrained(run.path("models", "seed"), dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(run.model_dir("seed"), dtype=torch.float32,
                                                  **load_kwargs(run.device))
     if not run.recipe.experts.train_embeddings:
         model.get_input_embeddings().requires_grad_(False)
@@ -166,7 +171,7 @@ def expert(run, info, domain: str) -> None:
     result = train(model, trainable, run.batcher({domain: 1.0}, cfg, salt), cfg,
                    run.path("train", f"expert-{domain}"), desc=f"expert:{domain}", seed=run.recipe.seed,
                    device=run.device)
-    out = run.path("models", f"expert-{domain}")
+    out = run.model_dir(f"expert-{domain}")
     if distributed.is_main():
         model.save_pretrained(out)
         run.tokenizer().save_pretrained(out)
@@ -191,8 +196,8 @@ def stitch(run, info) -> None:
     result = train(model, trainable, run.batcher(mix, cfg, salt=7), cfg, run.path("train", "stitch"),
                    desc="stitch", seed=run.recipe.seed, metrics_fn=gate_stats, device=run.device)
     if distributed.is_main():
-        model.save_pretrained(run.path("models", "bts"))
-        run.tokenizer().save_pretrained(run.path("models", "bts"))
+        model.save_pretrained(run.model_dir("bts"))
+        run.tokenizer().save_pretrained(run.model_dir("bts"))
     info.update(tokens=result.tokens, train_wall_s=result.wall_s, final_loss=result.final_loss,
                 trainable_params=sum(p.numel() for p in trainable.values()), mix=mix)
     info["budget"] = budget(run, "stitch")
@@ -213,16 +218,16 @@ def methods(run) -> dict:
     from bts.baselines.registry import REGISTRY
 
     on = {"device": run.device, "dtype": run.members_dtype}  # every evaluated model: on the run's device
-    found = {"seed": (lambda: load_hf(run.path("models", "seed"), **on), run.done("seed") or {})}
+    found = {"seed": (lambda: load_hf(run.model_dir("seed"), **on), run.done("seed") or {})}
     for d in run.recipe.expert_domains:
-        found[f"expert:{d}"] = (lambda d=d: load_hf(run.path("models", f"expert-{d}"), **on),
+        found[f"expert:{d}"] = (lambda d=d: load_hf(run.model_dir(f"expert-{d}"), **on),
                                 run.done(f"expert:{d}") or {})
     if run.done("stitch"):
-        found["bts"] = (lambda: load_bts(run.path("models", "bts"), **on), run.done("stitch") or {})
+        found["bts"] = (lambda: load_bts(run.model_dir("bts"), **on), run.done("stitch") or {})
     for method in run.recipe.baselines.methods:
         info = run.done(f"baseline:{method}")
         if info is not None:
-            found[method] = (functools.partial(REGISTRY[method].load, run.path("models", method), info, **on), info)
+            found[method] = (functools.partial(REGISTRY[method].load, run.model_dir(method), info, **on), info)
     return found
 
 
@@ -266,7 +271,7 @@ def write_gates(run) -> None:
         return
     from bts.eval.gates import gate_table, heatmap
 
-    model, _ = load_bts(run.path("models", "bts"), run.device, run.members_dtype)
+    model, _ = load_bts(run.model_dir("bts"), run.device, run.members_dtype)
     seq = run.recipe.data.seq_len
     table = gate_table(model, {d: eval_windows(run.stream(d, "heldout"), seq, 8 * seq) for d in run.domains})
     ids, bounds = run.switch_text()
@@ -394,6 +399,10 @@ def run_stages(run, only: list[str] | None = None) -> dict | None:
     unknown = wanted - set(STAGES) - {f"expert:{d}" for d in run.recipe.expert_domains}
     if unknown:
         raise BTSError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)} and expert:<domain>.")
+    from bts.pipeline.given import check_recipe_members
+
+    if wanted - {"report"}:  # the report reads files only: it needs no member
+        check_recipe_members(run.recipe)  # given seed and experts: cheap checks before anything is written
     device = run.device  # a missing GPU is refused here, before anything is written
     try:
         distributed.init(device=device)  # joins the torchrun process group (nccl on GPUs, gloo on the CPU)
