@@ -51,7 +51,6 @@ H heads of hd dims, H_kv kv heads, M members:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -61,7 +60,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 
-from bts.baselines.bam_layers import ROLES_ATTN, BAMConfig, BAMDecoder, Mixture, Router, family
+from bts.baselines.bam_layers import ROPE_FIELDS, BAMConfig, BAMDecoder, Mixture, Router
 from bts.baselines.base import Baseline, accounting, positive, run_members, train_on_stitch_mix, write_model_dir
 from bts.core import hf
 from bts.core.members import Member, check_compatible, copy_tokenizer, load_causal_lm
@@ -69,8 +68,10 @@ from bts.core.plan import bam_counts
 from bts.errors import BTSError
 
 # Config fields that change the computation without changing a tensor shape: members must agree on them.
-SAME_FIELDS = ("hidden_act", "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "sliding_window",
-               "head_dim", "max_position_embeddings", "layer_types")
+# Rotary settings (ROPE_FIELDS) may differ: each attention expert runs with its member's own rotary embedding.
+SAME_FIELDS = ("hidden_act", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "head_dim", "layer_types",
+               "attn_logit_softcapping", "query_pre_attn_scalar", "attention_multiplier", "residual_multiplier",
+               "embedding_multiplier", "logits_scaling", "final_logit_softcapping", "use_bidirectional_attention")
 __all__ = ["BAMConfig", "BAMForCausalLM", "BASELINES", "bam_counts", "bam_counts_of", "bam_parameter_counts",
            "bam_trainable_parameters", "build_bam", "load_bam"]
 
@@ -80,13 +81,18 @@ class BAMForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "bam"
     main_input_name = "input_ids"
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _no_split_modules = ["BAMBlock"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: BAMConfig):
         super().__init__(config)
-        config.base_config._attn_implementation = "sdpa"  # masks in SDPA's format: attention runs through SDPA
-        self._mask_config = mask_config(config.base_config)
+        shell = hf.family_shell(config.base_config, config._attn_implementation)
+        self._family_init = shell._init_weights  # the family's own initialisation
+        # the experts' attention kernels: the one asked for, or the family's default where it refuses it
+        config._attn_implementation = config.base_config._attn_implementation = shell.config._attn_implementation
         self.loss_type = "ForCausalLM"
         self.model = BAMDecoder(config)
         self.lm_head = nn.Linear(config.base_config.hidden_size, config.base_config.vocab_size, bias=False)
@@ -94,21 +100,14 @@ class BAMForCausalLM(PreTrainedModel, GenerationMixin):
         set_trainable(self)
 
     def _init_weights(self, module):
-        std = self.config.base_config.initializer_range
         if isinstance(module, Router):
             init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
         elif isinstance(module, Mixture):
-            for name, p in module.named_parameters(recurse=False):
-                if name == "adapter":
-                    init.copy_(p, torch.eye(p.shape[-1], dtype=p.dtype, device=p.device).expand_as(p))
-                elif name.endswith("_norm"):
-                    init.ones_(p)
-                elif name.endswith("_bias"):
-                    init.zeros_(p)
-                else:
-                    init.normal_(p, mean=0.0, std=std)
-        else:
-            super()._init_weights(module)
+            if module.adapter is not None:
+                eye = torch.eye(module.adapter.shape[-1], dtype=module.adapter.dtype, device=module.adapter.device)
+                init.copy_(module.adapter, eye.expand_as(module.adapter))
+        elif module is not self and hasattr(self, "_family_init"):
+            self._family_init(module)  # the family's own initialisation (norms, embedding scale, rotary buffers)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -121,29 +120,31 @@ class BAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep=0, return_routing: bool = False, **kwargs):
-        """embed -> BAM blocks -> the averaged final norm and LM head. return_routing: also every mixture's routing
-        weights, a list of [B, T, M] (block 0 attention, block 0 FFN, block 1 attention, ...)."""
+        """embed -> BAM blocks -> the averaged final norm and LM head (with the family's embedding multiplier,
+        logit scaling and softcapping). return_routing: also every mixture's routing weights, a list of [B, T, M]
+        (block 0 attention, block 0 FFN, block 1 attention, ...)."""
         cache = hf.cache_from_kwargs(kwargs)
         if use_cache and cache is None:
             cache = hf.new_cache(self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BAMForCausalLM needs exactly one of input_ids and inputs_embeds.")
+        base, L = self.config.base_config, self.config.base_config.num_hidden_layers
         if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
+            inputs_embeds = hf.scale_embeddings(base, self.model.embed_tokens(input_ids))
+        hf.prepare_cache(cache, [(m * L, c) for m, c in enumerate(self.model.member_configs)])
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
-        base = self._mask_config
-        masks = hf.build_masks(base, inputs_embeds, attention_mask, cache, position_ids)
-        rope = hf.rotary(self.model, inputs_embeds, position_ids)
+        masks = hf.build_masks(base, inputs_embeds, attention_mask, cache, position_ids, first_slot=0)
+        ropes = self.model.position_embeddings(inputs_embeds, position_ids)
         record = [] if return_routing else None
         hidden = inputs_embeds
-        for i, (block, kind) in enumerate(zip(self.model.layers, hf.layer_types(base))):
-            hidden = block(hidden, rope, masks[kind], cache, i, record)
+        for block, kind in zip(self.model.layers, hf.layer_types(base)):
+            hidden = block(hidden, [rope[kind] for rope in ropes], masks[kind], position_ids, cache, L, record)
         hidden = self.model.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = hf.scale_logits(base, self.lm_head(hidden))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = None
         if labels is not None:
@@ -163,16 +164,6 @@ class BAMForCausalLM(PreTrainedModel, GenerationMixin):
         model = super().from_pretrained(*args, **kwargs)
         set_trainable(model)
         return model
-
-
-def mask_config(base):
-    """The members' config with every block's attention type spelt out: a Mistral config with sliding_window set and
-    no layer_types slides in every block (as MistralModel builds its mask), which hf.layer_types would read as full."""
-    config = copy.deepcopy(base)
-    if getattr(config, "layer_types", None) is None and getattr(config, "sliding_window", None) is not None:
-        config.layer_types = ["sliding_attention"] * config.num_hidden_layers
-    config._attn_implementation = "sdpa"
-    return config
 
 
 def set_trainable(model: BAMForCausalLM) -> None:
@@ -198,40 +189,50 @@ def _check_members(members: list[Member]) -> None:
 
 
 def _avg(tensors, dtype):
-    return torch.stack([t.detach().float() for t in tensors]).mean(0).to(dtype)
+    """The mean in at least fp32 (fp64 members: in fp64)."""
+    return torch.stack([t.detach().to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]).mean(0).to(dtype)
 
 
-def _stack(tensors, dtype):
-    return torch.stack([t.detach() for t in tensors]).to(dtype)
+def _put_avg(state: dict, prefix: str, modules: list[nn.Module], dtype, skip=()) -> None:
+    """state[prefix + key] = the fp32 average over `modules` of each state-dict entry (keys under `skip` left out)."""
+    dicts = [mod.state_dict() for mod in modules]
+    for key in dicts[0]:
+        if not key.startswith(skip):
+            state[prefix + key] = _avg([sd[key] for sd in dicts], dtype)
+
+
+def _put(state: dict, prefix: str, module: nn.Module, dtype, skip=()) -> None:
+    for key, value in module.state_dict().items():
+        if not key.startswith(skip):
+            state[prefix + key] = value.detach().to(dtype)
 
 
 def bam_state_dict(models: list[nn.Module], config: BAMConfig, dtype: torch.dtype, gen: torch.Generator) -> dict:
-    """The BAM weights of the members (seed first): experts stacked, K/V averaged under kv_sharing, the rest
-    averaged in fp32, routers random, adapters the identity."""
+    """The BAM weights of the members (seed first): each member's attention, MLP and output norms as its experts
+    (K/V averaged into expert 0 under kv_sharing), the rest averaged in fp32, routers random, adapters identity."""
+    base = config.base_config
     decs = [hf.decoder_of(m) for m in models]
-    M, d = len(models), config.base_config.hidden_size
-    state = {"model.embed_tokens.weight": _avg([dec.embed_tokens.weight for dec in decs], dtype),
-             "model.norm.weight": _avg([dec.norm.weight for dec in decs], dtype),
-             "lm_head.weight": _avg([m.lm_head.weight for m in models], dtype)}
-    for i in range(config.base_config.num_hidden_layers):
+    M, d, norms = len(models), base.hidden_size, hf.block_norms(base)
+    state = {}
+    _put_avg(state, "model.embed_tokens.", [dec.embed_tokens for dec in decs], dtype)
+    _put_avg(state, "model.norm.", [dec.norm for dec in decs], dtype)
+    _put_avg(state, "lm_head.", [m.lm_head for m in models], dtype)
+    for i in range(base.num_hidden_layers):
         layers, pre = [dec.layers[i] for dec in decs], f"model.layers.{i}."
-        state[pre + "input_layernorm.weight"] = _avg([lay.input_layernorm.weight for lay in layers], dtype)
-        if not config.parallel:
-            state[pre + "post_attention_layernorm.weight"] = _avg(
-                [lay.post_attention_layernorm.weight for lay in layers], dtype)
-        attns = [lay.self_attn for lay in layers]
-        for role in ROLES_ATTN:
-            shared = config.kv_sharing and role in "kv"
-            combine = (lambda ts, dt: _avg(ts, dt).unsqueeze(0)) if shared else _stack
-            state[pre + f"attn.{role}_proj"] = combine([getattr(a, f"{role}_proj").weight for a in attns], dtype)
-            if getattr(attns[0], f"{role}_proj").bias is not None:
-                state[pre + f"attn.{role}_bias"] = combine([getattr(a, f"{role}_proj").bias for a in attns], dtype)
-        if getattr(attns[0], "q_norm", None) is not None:
-            state[pre + "attn.q_norm"] = _stack([a.q_norm.weight for a in attns], dtype)
-            k_norms = [a.k_norm.weight for a in attns]
-            state[pre + "attn.k_norm"] = _avg(k_norms, dtype).unsqueeze(0) if config.kv_sharing else _stack(k_norms, dtype)
-        for role in ("gate", "up", "down"):
-            state[pre + f"mlp.{role}_proj"] = _stack([getattr(lay.mlp, f"{role}_proj").weight for lay in layers], dtype)
+        if "attn_in" in norms:
+            _put_avg(state, pre + "attn_norm.", [getattr(lay, norms["attn_in"]) for lay in layers], dtype)
+        if "ffn_in" in norms and not config.parallel:
+            _put_avg(state, pre + "ffn_norm.", [getattr(lay, norms["ffn_in"]) for lay in layers], dtype)
+        attns = [hf.attention_of(lay) for lay in layers]
+        shared = tuple(f"{name}." for name in hf.kv_parts(attns[0])) if config.kv_sharing else ()
+        for name in shared:
+            _put_avg(state, pre + f"attn.experts.0.{name}", [getattr(a, name[:-1]) for a in attns], dtype)
+        for m, (lay, attn) in enumerate(zip(layers, attns)):
+            _put(state, pre + f"attn.experts.{m}.", attn, dtype, skip=shared)
+            _put(state, pre + f"mlp.experts.{m}.", hf.mlp_of(lay), dtype)
+            for role, part in (("attn_out", "attn"), ("ffn_out", "mlp")):
+                if role in norms:
+                    _put(state, pre + f"{part}.post_norms.{m}.", getattr(lay, norms[role]), dtype)
         for router in ("attn_router", "ffn_router"):
             state[pre + f"{router}.weight"] = (torch.randn(M, d, generator=gen) * config.router_init_std).to(dtype)
         if config.adapters:
@@ -240,13 +241,22 @@ def bam_state_dict(models: list[nn.Module], config: BAMConfig, dtype: torch.dtyp
     return state
 
 
+def _member_rope(members: list[Member]) -> list | None:
+    """Per member, its rotary settings where they differ from the seed's (None when every member has the seed's)."""
+    seed = members[0].model.config
+    rope = [{f: getattr(m.model.config, f, None) for f in ROPE_FIELDS
+             if getattr(m.model.config, f, None) != getattr(seed, f, None)} or None for m in members]
+    return rope if any(rope) else None
+
+
 def build_bam(seed, experts, *, adapters: bool = False, parallel: bool = True, kv_sharing: bool = False,
               seed_rng: int = 0, dtype: torch.dtype | None = None,
               router_init_std: float | None = None) -> BAMForCausalLM:
     """Mix a seed and its branched experts (HF dirs, cached hub ids or loaded *ForCausalLM) into one untrained BAM.
 
     The experts of every mixture are [seed, *experts], in that order. The members are only read (their weights are
-    copied), so they stay as they were. dtype: the model's dtype (default: the seed's)."""
+    copied), so they stay as they were. dtype: the model's dtype (default: the seed's). Attention runs with the
+    seed's attention implementation (eager, sdpa, ...)."""
     if isinstance(experts, (str, os.PathLike, nn.Module)):
         experts = [experts]
     seed_member = Member("seed", *load_causal_lm(seed, "seed"))
@@ -257,9 +267,13 @@ def build_bam(seed, experts, *, adapters: bool = False, parallel: bool = True, k
     if router_init_std is not None and not router_init_std > 0:
         raise BTSError(f"router_init_std must be > 0 (got {router_init_std}).")
     base = seed_member.model.config
+    if kv_sharing:
+        hf.kv_parts(hf.attention_of(hf.decoder_of(seed_member.model).layers[0]))  # refuses fused projections
     config = BAMConfig(base_config=base.to_dict(), members=[{"name": m.name, "path": m.path} for m in members],
                        adapters=adapters, parallel=parallel, kv_sharing=kv_sharing, router_init_std=router_init_std,
-                       bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
+                       member_rope=_member_rope(members), bos_token_id=base.bos_token_id,
+                       eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
+    config._attn_implementation = base._attn_implementation
     dtype = dtype or next(seed_member.model.parameters()).dtype
     state = bam_state_dict([m.model for m in members], config, dtype, torch.Generator().manual_seed(seed_rng))
     model = BAMForCausalLM(config).to(dtype)
@@ -288,14 +302,11 @@ def bam_parameter_counts(model: BAMForCausalLM) -> dict[str, int]:
 
 
 def bam_counts_of(base, members: int, **options) -> dict[str, int]:
-    """bam_counts for members of a Llama-family config `base` (options: adapters, parallel, kv_sharing)."""
-    attn = family(base)[2]
-    return bam_counts(vocab_size=base.vocab_size, hidden_size=base.hidden_size,
-                      intermediate_size=base.intermediate_size, num_layers=base.num_hidden_layers,
-                      num_heads=base.num_attention_heads, num_kv_heads=base.num_key_value_heads, members=members,
-                      head_dim=attn.head_dim, tie_word_embeddings=bool(base.tie_word_embeddings),
-                      qkv_bias=attn.q_proj.bias is not None, qk_norm=getattr(attn, "q_norm", None) is not None,
-                      **options)
+    """bam_parameter_counts of a BAM of `members` members of config `base` (options: adapters, parallel,
+    kv_sharing), built on the meta device (no memory): exact for every family, norms and biases included."""
+    with torch.device("meta"):
+        model = BAMForCausalLM(BAMConfig(base_config=base.to_dict(), num_members=members, **options))
+    return bam_parameter_counts(model)
 
 
 def load_bam(path, dtype: torch.dtype | None = None) -> BAMForCausalLM:
