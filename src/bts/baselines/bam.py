@@ -1,4 +1,5 @@
-"""BAM (Branch-Attend-Mix, Zhang et al., arXiv 2408.08274) and the BTS paper's BAM adapters, as one HF model.
+"""BAM (Branch-Attend-Mix, Zhang et al., arXiv 2408.08274) and the BTS paper's BAM adapters, as one HF model, on
+every family bts supports (docs/bam.md has the layout, the choices and the measurements).
 
     model = build_bam(seed, [code, math])                          # seed + 2 experts -> M = 3 experts per mixture
     model = build_bam(seed, [code, math], adapters=True)           # members frozen, d x d adapters + routers train
@@ -6,47 +7,30 @@
     model.save_pretrained("bam/");  AutoModelForCausalLM.from_pretrained("bam/")   # after importing this module
 
 Per decoder block i, with the M members [seed, *experts] in that order:
-- attention experts: member m's whole attention (Q, K, V, O and, where the family has them, q/k/v biases and
-  Qwen3's q/k norms) is expert m of a soft mixture of attention. kv_sharing=True keeps one K/V (weights, biases,
-  k norm) per block, the average of the members', and M query/output experts (the paper's cheaper variant).
-- FFN experts: member m's SwiGLU FFN is expert m, as in BTX.
+- attention experts: member m's own attention module (the family's class, its weights: Q, K, V, O, biases, q/k
+  norms, softcaps, sliding window, partial rotary all inside it), with member m's rotary embedding and, where the
+  family has one, the norm on its output (Gemma 2 / 3, OLMo 2). kv_sharing=True: expert 0's K/V modules hold the
+  members' average and every expert calls them (families with separate k_proj / v_proj; phi3's fused qkv refused).
+- FFN experts: member m's own MLP module (SwiGLU, GeGLU, fused gate_up: whatever the family's is) and output norm.
 - routing: soft, as the BTS paper's BAM baseline: g = softmax(R x_n) over all M experts (R: d -> M, no bias, fp32
   softmax), one router for the attention mixture and one for the FFN mixture; every expert runs. Routers are drawn
   from N(0, router_init_std^2) (default: the seed's initializer_range) with a generator seeded by seed_rng.
-- everything else (embeddings, final norm, block norms, LM head) is the fp32 average of the members.
+- everything else (embeddings, final norm, the norms before attention / FFN, LM head) is the members' average.
 
-Block forms (config.parallel):
-- parallel (default, as BAM): y = x + sum_m g^a_m A^a_m(Attn_m(n)) + sum_m g^f_m A^f_m(FFN_m(n)), n = ln1(x).
-- sequential: h = x + sum_m g^a_m A^a_m(Attn_m(ln1(x))); y = h + sum_m g^f_m A^f_m(FFN_m(ln2(h))). With identical
-  members (and identity adapters) this is exactly the dense model they came from.
-A^·_m is the adapter (adapters mode only; absent otherwise).
+Block forms (config.parallel), r = Granite's residual multiplier (1 elsewhere), pre_a / pre_f the norms before the
+attention / FFN where the family has them (identity otherwise), post_m member m's output norm where it has one:
+- parallel (default, as BAM): n = pre_a(x); y = x + r (sum_m g^a_m A^a_m(post_m(Attn_m(n))) + sum_m g^f_m A^f_m(
+  post_m(FFN_m(n)))). pre_f is dropped (it was learnt on x + attention, which a parallel block never forms).
+- sequential: h = x + r sum_m g^a_m A^a_m(post_m(Attn_m(pre_a(x)))); y = h + r sum_m g^f_m A^f_m(post_m(FFN_m(
+  pre_f(h)))). With identical members (and identity adapters) this is exactly the dense model they came from.
+A^._m is the adapter (adapters mode only; absent otherwise): bias-free d x d, initialised to the identity.
+Routers read the normed input their mixture reads. In adapters mode only routers and adapters train.
 
-Choices where the papers are silent:
-- Parallel norm: the members have two norms per block; a parallel block normalises its input once. We use the
-  averaged input_layernorm for both mixtures (and both routers) and drop post_attention_layernorm: input_layernorm is
-  the norm the members learnt on the block input x, which is what both branches read here (post_attention_layernorm
-  was learnt on x + attention, a distribution a parallel block never produces). One norm per block is also the
-  PaLM / GPT-J parallel block that BAM adopts.
-- Router input: the normed input its mixture reads (ln1(x) for attention; ln2(h) for the sequential FFN, ln1(x) for
-  the parallel FFN), as Mixtral's router reads the FFN's normed input.
-- Adapters: one bias-free d x d matrix per (block, member, attention|FFN), applied to that expert's output before the
-  routed sum, initialised to the identity (so at init BAM adapters is BAM with frozen members). In adapters mode the
-  shared weights (embeddings, norms, head: the members' average, as in BAM; the BTS paper's 9.9B total implies one
-  shared copy, not four) stay frozen too: only routers and adapters train, as Table 2's 1.5B says.
-- Attention runs through torch SDPA with transformers' causal / sliding-window masks (bts.core.hf.build_masks, the
-  sdpa mask format); the math mirrors the family's attention (as bts.core.batched does).
-- KV cache: the experts are folded into the head axis, so block i's attention is one SDPA call and the one
-  DynamicCache holds, in slot i, [B, M*H_kv, S, hd] (expert m's heads m*H_kv..), or [B, H_kv, S, hd] with
-  kv_sharing: every attention expert has its own cached keys and values, and generate(), beam search and cropping
-  work unchanged. config.num_hidden_layers is L.
+KV cache: one transformers DynamicCache, slot m*L + i for expert m of block i (each expert's own keys and values, a
+sliding-window layer where its block slides), so generate(), beam search and cropping work unchanged.
 
-Parameter counts (bam_counts; bam_parameter_counts counts a model). With V vocab, d hidden, F SwiGLU width, L blocks,
-H heads of hd dims, H_kv kv heads, M members:
-  shared  = V*d * (1 if tied else 2) + d + L*d * (1 if parallel else 2)
-  attn    = 2*d*H*hd + 2*d*H_kv*hd (+ q/k/v biases H*hd + 2*H_kv*hd, + q/k norms 2*hd, where present); ffn = 3*d*F
-  routers = L * 2 * M * d;   adapters = L * M * 2 * d^2
-  BAM total = shared + L*M*(attn + ffn) + routers            (kv_sharing: L*(M*(q+o) + (k+v)) for attention)
-  BAM adapters total = BAM total + adapters;  trained = adapters + routers;  active = total (soft routing)
+Parameter counts: bam_parameter_counts counts a model; bam_counts_of counts one built on the meta device from a
+config alone; bts.core.plan.bam_counts is the closed form for Llama-style members (the paper's Table 2).
 """
 
 from __future__ import annotations

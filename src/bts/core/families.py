@@ -21,7 +21,8 @@ bts.core.hf (the one module that touches transformers internals):
                      add (Granite).
 
 Adding a family is one entry here plus its tiny config in tests/helpers.py (tests/core/test_families.py then checks
-it: starts as the hub, cached = uncached generation, causality, batched or refused, save → load).
+it: starts as the hub, cached = uncached generation, causality, batched or refused, save → load; and
+tests/baselines/test_bam_families.py builds BAM on it).
 """
 
 from __future__ import annotations
