@@ -4,7 +4,9 @@ bts runs several Hugging Face decoders block by block, each member as itself. Th
 not promise to keep stable: the decoder-layer call (5.24 renamed `past_key_values` to `cache` and dropped
 `cache_position`), the causal-mask builders, the rotary-embedding call, the KV-cache layout (one cache, a slot per
 member layer, reached through `MemberCache`), what a family's model does around its blocks (embedding multipliers,
-logit scaling and softcapping: the table in bts.core.families) and the name of the cache field on model outputs.
+logit scaling and softcapping: the table in bts.core.families), the name of the cache field on model outputs,
+and, for BAM, how to build a family's decoder pieces (layer, rotary, embedding, norm) one by one and call its
+attention module on its own.
 Everything of that kind lives here, so a new transformers release is a change to this file, and a new family a line
 in bts.core.families.
 """
