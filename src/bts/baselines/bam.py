@@ -1,4 +1,5 @@
-"""BAM (Branch-Attend-Mix, Zhang et al., arXiv 2408.08274) and the BTS paper's BAM adapters, as one HF model.
+"""BAM (Branch-Attend-Mix, Zhang et al., arXiv 2408.08274) and the BTS paper's BAM adapters, as one HF model, on
+every family bts supports (docs/bam.md has the layout, the choices and the measurements).
 
     model = build_bam(seed, [code, math])                          # seed + 2 experts -> M = 3 experts per mixture
     model = build_bam(seed, [code, math], adapters=True)           # members frozen, d x d adapters + routers train
@@ -6,52 +7,34 @@
     model.save_pretrained("bam/");  AutoModelForCausalLM.from_pretrained("bam/")   # after importing this module
 
 Per decoder block i, with the M members [seed, *experts] in that order:
-- attention experts: member m's whole attention (Q, K, V, O and, where the family has them, q/k/v biases and
-  Qwen3's q/k norms) is expert m of a soft mixture of attention. kv_sharing=True keeps one K/V (weights, biases,
-  k norm) per block, the average of the members', and M query/output experts (the paper's cheaper variant).
-- FFN experts: member m's SwiGLU FFN is expert m, as in BTX.
+- attention experts: member m's own attention module (the family's class, its weights: Q, K, V, O, biases, q/k
+  norms, softcaps, sliding window, partial rotary all inside it), with member m's rotary embedding and, where the
+  family has one, the norm on its output (Gemma 2 / 3, OLMo 2). kv_sharing=True: expert 0's K/V modules hold the
+  members' average and every expert calls them (families with separate k_proj / v_proj; phi3's fused qkv refused).
+- FFN experts: member m's own MLP module (SwiGLU, GeGLU, fused gate_up: whatever the family's is) and output norm.
 - routing: soft, as the BTS paper's BAM baseline: g = softmax(R x_n) over all M experts (R: d -> M, no bias, fp32
   softmax), one router for the attention mixture and one for the FFN mixture; every expert runs. Routers are drawn
   from N(0, router_init_std^2) (default: the seed's initializer_range) with a generator seeded by seed_rng.
-- everything else (embeddings, final norm, block norms, LM head) is the fp32 average of the members.
+- everything else (embeddings, final norm, the norms before attention / FFN, LM head) is the members' average.
 
-Block forms (config.parallel):
-- parallel (default, as BAM): y = x + sum_m g^a_m A^a_m(Attn_m(n)) + sum_m g^f_m A^f_m(FFN_m(n)), n = ln1(x).
-- sequential: h = x + sum_m g^a_m A^a_m(Attn_m(ln1(x))); y = h + sum_m g^f_m A^f_m(FFN_m(ln2(h))). With identical
-  members (and identity adapters) this is exactly the dense model they came from.
-A^·_m is the adapter (adapters mode only; absent otherwise).
+Block forms (config.parallel), r = Granite's residual multiplier (1 elsewhere), pre_a / pre_f the norms before the
+attention / FFN where the family has them (identity otherwise), post_m member m's output norm where it has one:
+- parallel (default, as BAM): n = pre_a(x); y = x + r (sum_m g^a_m A^a_m(post_m(Attn_m(n))) + sum_m g^f_m A^f_m(
+  post_m(FFN_m(n)))). pre_f is dropped (it was learnt on x + attention, which a parallel block never forms).
+- sequential: h = x + r sum_m g^a_m A^a_m(post_m(Attn_m(pre_a(x)))); y = h + r sum_m g^f_m A^f_m(post_m(FFN_m(
+  pre_f(h)))). With identical members (and identity adapters) this is exactly the dense model they came from.
+A^._m is the adapter (adapters mode only; absent otherwise): bias-free d x d, initialised to the identity.
+Routers read the normed input their mixture reads. In adapters mode only routers and adapters train.
 
-Choices where the papers are silent:
-- Parallel norm: the members have two norms per block; a parallel block normalises its input once. We use the
-  averaged input_layernorm for both mixtures (and both routers) and drop post_attention_layernorm: input_layernorm is
-  the norm the members learnt on the block input x, which is what both branches read here (post_attention_layernorm
-  was learnt on x + attention, a distribution a parallel block never produces). One norm per block is also the
-  PaLM / GPT-J parallel block that BAM adopts.
-- Router input: the normed input its mixture reads (ln1(x) for attention; ln2(h) for the sequential FFN, ln1(x) for
-  the parallel FFN), as Mixtral's router reads the FFN's normed input.
-- Adapters: one bias-free d x d matrix per (block, member, attention|FFN), applied to that expert's output before the
-  routed sum, initialised to the identity (so at init BAM adapters is BAM with frozen members). In adapters mode the
-  shared weights (embeddings, norms, head: the members' average, as in BAM; the BTS paper's 9.9B total implies one
-  shared copy, not four) stay frozen too: only routers and adapters train, as Table 2's 1.5B says.
-- Attention runs through torch SDPA with transformers' causal / sliding-window masks (bts.core.hf.build_masks, the
-  sdpa mask format); the math mirrors the family's attention (as bts.core.batched does).
-- KV cache: the experts are folded into the head axis, so block i's attention is one SDPA call and the one
-  DynamicCache holds, in slot i, [B, M*H_kv, S, hd] (expert m's heads m*H_kv..), or [B, H_kv, S, hd] with
-  kv_sharing: every attention expert has its own cached keys and values, and generate(), beam search and cropping
-  work unchanged. config.num_hidden_layers is L.
+KV cache: one transformers DynamicCache, slot m*L + i for expert m of block i (each expert's own keys and values, a
+sliding-window layer where its block slides), so generate(), beam search and cropping work unchanged.
 
-Parameter counts (bam_counts; bam_parameter_counts counts a model). With V vocab, d hidden, F SwiGLU width, L blocks,
-H heads of hd dims, H_kv kv heads, M members:
-  shared  = V*d * (1 if tied else 2) + d + L*d * (1 if parallel else 2)
-  attn    = 2*d*H*hd + 2*d*H_kv*hd (+ q/k/v biases H*hd + 2*H_kv*hd, + q/k norms 2*hd, where present); ffn = 3*d*F
-  routers = L * 2 * M * d;   adapters = L * M * 2 * d^2
-  BAM total = shared + L*M*(attn + ffn) + routers            (kv_sharing: L*(M*(q+o) + (k+v)) for attention)
-  BAM adapters total = BAM total + adapters;  trained = adapters + routers;  active = total (soft routing)
+Parameter counts: bam_parameter_counts counts a model; bam_counts_of counts one built on the meta device from a
+config alone; bts.core.plan.bam_counts is the closed form for Llama-style members (the paper's Table 2).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -61,7 +44,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 
-from bts.baselines.bam_layers import ROLES_ATTN, BAMConfig, BAMDecoder, Mixture, Router, family
+from bts.baselines.bam_layers import ROPE_FIELDS, BAMConfig, BAMDecoder, Mixture, Router
 from bts.baselines.base import Baseline, accounting, positive, run_members, train_on_stitch_mix, write_model_dir
 from bts.core import hf
 from bts.core.device import load_kwargs, on_device
@@ -70,8 +53,10 @@ from bts.core.plan import bam_counts
 from bts.errors import BTSError
 
 # Config fields that change the computation without changing a tensor shape: members must agree on them.
-SAME_FIELDS = ("hidden_act", "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "sliding_window",
-               "head_dim", "max_position_embeddings", "layer_types")
+# Rotary settings (ROPE_FIELDS) may differ: each attention expert runs with its member's own rotary embedding.
+SAME_FIELDS = ("hidden_act", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "head_dim", "layer_types",
+               "attn_logit_softcapping", "query_pre_attn_scalar", "attention_multiplier", "residual_multiplier",
+               "embedding_multiplier", "logits_scaling", "final_logit_softcapping", "use_bidirectional_attention")
 __all__ = ["BAMConfig", "BAMForCausalLM", "BASELINES", "bam_counts", "bam_counts_of", "bam_parameter_counts",
            "bam_trainable_parameters", "build_bam", "load_bam"]
 
@@ -81,13 +66,18 @@ class BAMForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "bam"
     main_input_name = "input_ids"
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _no_split_modules = ["BAMBlock"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: BAMConfig):
         super().__init__(config)
-        config.base_config._attn_implementation = "sdpa"  # masks in SDPA's format: attention runs through SDPA
-        self._mask_config = mask_config(config.base_config)
+        shell = hf.family_shell(config.base_config, config._attn_implementation)
+        self._family_init = shell._init_weights  # the family's own initialisation
+        # the experts' attention kernels: the one asked for, or the family's default where it refuses it
+        config._attn_implementation = config.base_config._attn_implementation = shell.config._attn_implementation
         self.loss_type = "ForCausalLM"
         self.model = BAMDecoder(config)
         self.lm_head = nn.Linear(config.base_config.hidden_size, config.base_config.vocab_size, bias=False)
@@ -95,21 +85,14 @@ class BAMForCausalLM(PreTrainedModel, GenerationMixin):
         set_trainable(self)
 
     def _init_weights(self, module):
-        std = self.config.base_config.initializer_range
         if isinstance(module, Router):
             init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
         elif isinstance(module, Mixture):
-            for name, p in module.named_parameters(recurse=False):
-                if name == "adapter":
-                    init.copy_(p, torch.eye(p.shape[-1], dtype=p.dtype, device=p.device).expand_as(p))
-                elif name.endswith("_norm"):
-                    init.ones_(p)
-                elif name.endswith("_bias"):
-                    init.zeros_(p)
-                else:
-                    init.normal_(p, mean=0.0, std=std)
-        else:
-            super()._init_weights(module)
+            if module.adapter is not None:
+                eye = torch.eye(module.adapter.shape[-1], dtype=module.adapter.dtype, device=module.adapter.device)
+                init.copy_(module.adapter, eye.expand_as(module.adapter))
+        elif module is not self and hasattr(self, "_family_init"):
+            self._family_init(module)  # the family's own initialisation (norms, embedding scale, rotary buffers)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -122,29 +105,31 @@ class BAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep=0, return_routing: bool = False, **kwargs):
-        """embed -> BAM blocks -> the averaged final norm and LM head. return_routing: also every mixture's routing
-        weights, a list of [B, T, M] (block 0 attention, block 0 FFN, block 1 attention, ...)."""
+        """embed -> BAM blocks -> the averaged final norm and LM head (with the family's embedding multiplier,
+        logit scaling and softcapping). return_routing: also every mixture's routing weights, a list of [B, T, M]
+        (block 0 attention, block 0 FFN, block 1 attention, ...)."""
         cache = hf.cache_from_kwargs(kwargs)
         if use_cache and cache is None:
             cache = hf.new_cache(self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BAMForCausalLM needs exactly one of input_ids and inputs_embeds.")
+        base, L = self.config.base_config, self.config.base_config.num_hidden_layers
         if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
+            inputs_embeds = hf.scale_embeddings(base, self.model.embed_tokens(input_ids))
+        hf.prepare_cache(cache, [(m * L, c) for m, c in enumerate(self.model.member_configs)])
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
-        base = self._mask_config
-        masks = hf.build_masks(base, inputs_embeds, attention_mask, cache, position_ids)
-        rope = hf.rotary(self.model, inputs_embeds, position_ids)
+        masks = hf.build_masks(base, inputs_embeds, attention_mask, cache, position_ids, first_slot=0)
+        ropes = self.model.position_embeddings(inputs_embeds, position_ids)
         record = [] if return_routing else None
         hidden = inputs_embeds
-        for i, (block, kind) in enumerate(zip(self.model.layers, hf.layer_types(base))):
-            hidden = block(hidden, rope, masks[kind], cache, i, record)
+        for block, kind in zip(self.model.layers, hf.layer_types(base)):
+            hidden = block(hidden, [rope[kind] for rope in ropes], masks[kind], position_ids, cache, L, record)
         hidden = self.model.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = hf.scale_logits(base, self.lm_head(hidden))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = None
         if labels is not None:
@@ -164,16 +149,6 @@ class BAMForCausalLM(PreTrainedModel, GenerationMixin):
         model = super().from_pretrained(*args, **kwargs)
         set_trainable(model)
         return model
-
-
-def mask_config(base):
-    """The members' config with every block's attention type spelt out: a Mistral config with sliding_window set and
-    no layer_types slides in every block (as MistralModel builds its mask), which hf.layer_types would read as full."""
-    config = copy.deepcopy(base)
-    if getattr(config, "layer_types", None) is None and getattr(config, "sliding_window", None) is not None:
-        config.layer_types = ["sliding_attention"] * config.num_hidden_layers
-    config._attn_implementation = "sdpa"
-    return config
 
 
 def set_trainable(model: BAMForCausalLM) -> None:
@@ -199,46 +174,64 @@ def _check_members(members: list[Member]) -> None:
 
 
 def _avg(tensors, dtype):
-    return torch.stack([t.detach().float() for t in tensors]).mean(0).to(dtype)
+    """The mean in at least fp32 (fp64 members: in fp64)."""
+    return torch.stack([t.detach().to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]).mean(0).to(dtype)
 
 
-def _stack(tensors, dtype):
-    return torch.stack([t.detach() for t in tensors]).to(dtype)
+def _put_avg(state: dict, prefix: str, modules: list[nn.Module], dtype, skip=()) -> None:
+    """state[prefix + key] = the fp32 average over `modules` of each state-dict entry (keys under `skip` left out)."""
+    dicts = [mod.state_dict() for mod in modules]
+    for key in dicts[0]:
+        if not key.startswith(skip):
+            state[prefix + key] = _avg([sd[key] for sd in dicts], dtype)
+
+
+def _put(state: dict, prefix: str, module: nn.Module, dtype, skip=()) -> None:
+    for key, value in module.state_dict().items():
+        if not key.startswith(skip):
+            state[prefix + key] = value.detach().to(dtype)
 
 
 def bam_state_dict(models: list[nn.Module], config: BAMConfig, dtype: torch.dtype, gen: torch.Generator) -> dict:
-    """The BAM weights of the members (seed first): experts stacked, K/V averaged under kv_sharing, the rest
-    averaged in fp32, routers random, adapters the identity."""
+    """The BAM weights of the members (seed first): each member's attention, MLP and output norms as its experts
+    (K/V averaged into expert 0 under kv_sharing), the rest averaged in fp32, routers random, adapters identity."""
+    base = config.base_config
     decs = [hf.decoder_of(m) for m in models]
-    M, d = len(models), config.base_config.hidden_size
-    state = {"model.embed_tokens.weight": _avg([dec.embed_tokens.weight for dec in decs], dtype),
-             "model.norm.weight": _avg([dec.norm.weight for dec in decs], dtype),
-             "lm_head.weight": _avg([m.lm_head.weight for m in models], dtype)}
-    for i in range(config.base_config.num_hidden_layers):
+    M, d, norms = len(models), base.hidden_size, hf.block_norms(base)
+    state = {}
+    _put_avg(state, "model.embed_tokens.", [dec.embed_tokens for dec in decs], dtype)
+    _put_avg(state, "model.norm.", [dec.norm for dec in decs], dtype)
+    _put_avg(state, "lm_head.", [m.lm_head for m in models], dtype)
+    for i in range(base.num_hidden_layers):
         layers, pre = [dec.layers[i] for dec in decs], f"model.layers.{i}."
-        state[pre + "input_layernorm.weight"] = _avg([lay.input_layernorm.weight for lay in layers], dtype)
-        if not config.parallel:
-            state[pre + "post_attention_layernorm.weight"] = _avg(
-                [lay.post_attention_layernorm.weight for lay in layers], dtype)
-        attns = [lay.self_attn for lay in layers]
-        for role in ROLES_ATTN:
-            shared = config.kv_sharing and role in "kv"
-            combine = (lambda ts, dt: _avg(ts, dt).unsqueeze(0)) if shared else _stack
-            state[pre + f"attn.{role}_proj"] = combine([getattr(a, f"{role}_proj").weight for a in attns], dtype)
-            if getattr(attns[0], f"{role}_proj").bias is not None:
-                state[pre + f"attn.{role}_bias"] = combine([getattr(a, f"{role}_proj").bias for a in attns], dtype)
-        if getattr(attns[0], "q_norm", None) is not None:
-            state[pre + "attn.q_norm"] = _stack([a.q_norm.weight for a in attns], dtype)
-            k_norms = [a.k_norm.weight for a in attns]
-            state[pre + "attn.k_norm"] = _avg(k_norms, dtype).unsqueeze(0) if config.kv_sharing else _stack(k_norms, dtype)
-        for role in ("gate", "up", "down"):
-            state[pre + f"mlp.{role}_proj"] = _stack([getattr(lay.mlp, f"{role}_proj").weight for lay in layers], dtype)
+        if "attn_in" in norms:
+            _put_avg(state, pre + "attn_norm.", [getattr(lay, norms["attn_in"]) for lay in layers], dtype)
+        if "ffn_in" in norms and not config.parallel:
+            _put_avg(state, pre + "ffn_norm.", [getattr(lay, norms["ffn_in"]) for lay in layers], dtype)
+        attns = [hf.attention_of(lay) for lay in layers]
+        shared = tuple(f"{name}." for name in hf.kv_parts(attns[0])) if config.kv_sharing else ()
+        for name in shared:
+            _put_avg(state, pre + f"attn.experts.0.{name}", [getattr(a, name[:-1]) for a in attns], dtype)
+        for m, (lay, attn) in enumerate(zip(layers, attns)):
+            _put(state, pre + f"attn.experts.{m}.", attn, dtype, skip=shared)
+            _put(state, pre + f"mlp.experts.{m}.", hf.mlp_of(lay), dtype)
+            for role, part in (("attn_out", "attn"), ("ffn_out", "mlp")):
+                if role in norms:
+                    _put(state, pre + f"{part}.post_norms.{m}.", getattr(lay, norms[role]), dtype)
         for router in ("attn_router", "ffn_router"):
             state[pre + f"{router}.weight"] = (torch.randn(M, d, generator=gen) * config.router_init_std).to(dtype)
         if config.adapters:
             for part in ("attn", "mlp"):
                 state[pre + f"{part}.adapter"] = torch.eye(d, dtype=dtype).expand(M, d, d).clone()
     return state
+
+
+def _member_rope(members: list[Member]) -> list | None:
+    """Per member, its rotary settings where they differ from the seed's (None when every member has the seed's)."""
+    seed = members[0].model.config
+    rope = [{f: getattr(m.model.config, f, None) for f in ROPE_FIELDS
+             if getattr(m.model.config, f, None) != getattr(seed, f, None)} or None for m in members]
+    return rope if any(rope) else None
 
 
 def build_bam(seed, experts, *, adapters: bool = False, parallel: bool = True, kv_sharing: bool = False,
@@ -248,7 +241,8 @@ def build_bam(seed, experts, *, adapters: bool = False, parallel: bool = True, k
     """Mix a seed and its branched experts (HF dirs, cached hub ids or loaded *ForCausalLM) into one untrained BAM.
 
     The experts of every mixture are [seed, *experts], in that order. The members are only read (their weights are
-    copied), so they stay as they were. dtype: the model's dtype (default: the seed's)."""
+    copied), so they stay as they were. dtype: the model's dtype (default: the seed's). Attention runs with the
+    seed's attention implementation (eager, sdpa, ...)."""
     if isinstance(experts, (str, os.PathLike, nn.Module)):
         experts = [experts]
     seed_member = Member("seed", *load_causal_lm(seed, "seed", device=device))
@@ -259,9 +253,13 @@ def build_bam(seed, experts, *, adapters: bool = False, parallel: bool = True, k
     if router_init_std is not None and not router_init_std > 0:
         raise BTSError(f"router_init_std must be > 0 (got {router_init_std}).")
     base = seed_member.model.config
+    if kv_sharing:
+        hf.kv_parts(hf.attention_of(hf.decoder_of(seed_member.model).layers[0]))  # refuses fused projections
     config = BAMConfig(base_config=base.to_dict(), members=[{"name": m.name, "path": m.path} for m in members],
                        adapters=adapters, parallel=parallel, kv_sharing=kv_sharing, router_init_std=router_init_std,
-                       bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
+                       member_rope=_member_rope(members), bos_token_id=base.bos_token_id,
+                       eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
+    config._attn_implementation = base._attn_implementation
     dtype = dtype or next(seed_member.model.parameters()).dtype
     state = bam_state_dict([m.model for m in members], config, dtype, torch.Generator().manual_seed(seed_rng))
     with on_device(device):  # built where it will train (device: default the CPU), never copied there
@@ -291,14 +289,11 @@ def bam_parameter_counts(model: BAMForCausalLM) -> dict[str, int]:
 
 
 def bam_counts_of(base, members: int, **options) -> dict[str, int]:
-    """bam_counts for members of a Llama-family config `base` (options: adapters, parallel, kv_sharing)."""
-    attn = family(base)[2]
-    return bam_counts(vocab_size=base.vocab_size, hidden_size=base.hidden_size,
-                      intermediate_size=base.intermediate_size, num_layers=base.num_hidden_layers,
-                      num_heads=base.num_attention_heads, num_kv_heads=base.num_key_value_heads, members=members,
-                      head_dim=attn.head_dim, tie_word_embeddings=bool(base.tie_word_embeddings),
-                      qkv_bias=attn.q_proj.bias is not None, qk_norm=getattr(attn, "q_norm", None) is not None,
-                      **options)
+    """bam_parameter_counts of a BAM of `members` members of config `base` (options: adapters, parallel,
+    kv_sharing), built on the meta device (no memory): exact for every family, norms and biases included."""
+    with torch.device("meta"):
+        model = BAMForCausalLM(BAMConfig(base_config=base.to_dict(), num_members=members, **options))
+    return bam_parameter_counts(model)
 
 
 def load_bam(path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> BAMForCausalLM:

@@ -1,28 +1,28 @@
-"""The blocks of BAM (bts.baselines.bam, whose docstring describes the layout): M attention experts and M SwiGLU FFN
-experts stacked along a leading expert axis, soft routers, optional per-expert d x d adapters, and one block that
-mixes them (parallel or sequential); and BAMConfig, the model's config."""
+"""The blocks of BAM (bts.baselines.bam, whose docstring describes the layout): per decoder block, M attention experts
+and M FFN experts that are the members' own attention and MLP modules (built by the family's code, through
+bts.core.hf), soft routers, optional per-expert d x d adapters, and one block that mixes them (parallel or
+sequential) with the family's own norms and residual structure; and BAMConfig, the model's config."""
 
 from __future__ import annotations
 
-import importlib
+import copy
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from bts.core import hf
 from bts.core.config import CompositeConfig
-from bts.errors import BTSError
 
-ROLES_ATTN = ("q", "k", "v", "o")
+ROPE_FIELDS = ("rope_parameters", "max_position_embeddings")  # may differ between members: each keeps its own
 
 
 @strict
 class BAMConfig(CompositeConfig):
-    """A BAM model: `base_config` is the members' architecture, `members` records where they came from
-    ([{"name", "path"}], seed first; provenance only: the folder holds every weight)."""
+    """A BAM model: `base_config` is the members' architecture (the seed's config), `members` records where they
+    came from ([{"name", "path"}], seed first; provenance only: the folder holds every weight). `member_rope` holds,
+    per member, its ROPE_FIELDS where they differ from the seed's (None: the seed's)."""
 
     model_type = "bts_bam"
 
@@ -31,126 +31,100 @@ class BAMConfig(CompositeConfig):
     parallel: bool = True
     kv_sharing: bool = False
     router_init_std: float | None = None
-    sliding_window: int | None = None
+    member_rope: list | None = None
 
     def fill_defaults(self) -> None:
         base = self.base_config
         if self.members is not None:
             self.num_members = len(self.members)
         self.tie_word_embeddings = bool(getattr(base, "tie_word_embeddings", False))
-        self.sliding_window = getattr(base, "sliding_window", None)
         if self.router_init_std is None:
             self.router_init_std = float(getattr(base, "initializer_range", 0.02))
 
     def cache_copies(self) -> int:
-        return 1  # one cache slot per block: the experts are folded into its heads
+        return self.num_members  # one cache slot per (member, block): every attention expert keeps its own K/V
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # generate()'s cache starts with plain layers; the model gives each expert's slots its kind (hf.prepare_cache)
+        self.layer_types = ["full_attention"] * self.num_hidden_layers
+
+    def member_configs(self) -> list:
+        """Member m's config: the seed's, with member m's rotary settings (one object per distinct setting)."""
+        base, out, seen = self.base_config, [], {}
+        for m in range(self.num_members):
+            rope = (self.member_rope or [None] * self.num_members)[m]
+            key = repr(sorted(rope.items())) if rope else None
+            if key not in seen:
+                config = base
+                if rope:
+                    config = copy.deepcopy(base)
+                    for field, value in rope.items():
+                        setattr(config, field, value)
+                seen[key] = config
+            out.append(seen[key])
+        return out
 
 
 def _compute_dtype(x):
-    """At least fp32 (fp64 in an fp64 model): norms and routing never compute in less, nor drop an fp64 model to fp32."""
+    """At least fp32 (fp64 in an fp64 model): routing never computes in less, nor drops an fp64 model to fp32."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def family(base) -> tuple[type, type, nn.Module, nn.Module]:
-    """(RMSNorm class, rotary class, a meta-device attention probe, a meta-device MLP probe) of a Llama-family config."""
-    hf.check_supported(base)
-    causal = MODEL_FOR_CAUSAL_LM_MAPPING[type(base)]
-    module, prefix = importlib.import_module(causal.__module__), causal.__name__.removesuffix("ForCausalLM")
-    with torch.device("meta"):
-        attn, mlp = getattr(module, f"{prefix}Attention")(base, 0), getattr(module, f"{prefix}MLP")(base)
-    if getattr(mlp.gate_proj, "bias", None) is not None:
-        raise BTSError("BAM: members with MLP biases are not supported (SwiGLU experts have none).")
-    return getattr(module, f"{prefix}RMSNorm"), getattr(module, f"{prefix}RotaryEmbedding"), attn, mlp
+def _proj(x, w):
+    """x [M, B, T, in], w [M, out, in] (nn.Linear layout) -> [M, B, T, out]."""
+    return torch.matmul(x, w.unsqueeze(1).transpose(-1, -2))
 
 
-def _rms(x, weight, eps):
-    dtype = x.dtype
-    x = x.to(_compute_dtype(x))
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+class Borrowed(nn.Module):
+    """Calls a module owned by another expert without owning its parameters (kv_sharing: one K/V per block)."""
 
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not a submodule: its parameters are saved and counted once
 
-def _proj(x, w, b=None):
-    """x [B, T, in] (or [M, B, T, in]), w [M, out, in] (nn.Linear layout), b [M, out] -> [M, B, T, out]."""
-    y = torch.matmul(x if x.dim() == 4 else x.unsqueeze(0), w.unsqueeze(1).transpose(-1, -2))
-    return y if b is None else y + b[:, None, None, :]
-
-
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    def forward(self, *args, **kwargs):
+        return self.owner(*args, **kwargs)
 
 
 class Mixture(nn.Module):
-    """What both expert mixtures share: M experts, optional per-expert d x d adapters on their outputs."""
+    """M experts of one kind, each a member's own module, with the member's norm on the expert's output where its
+    block has one (Gemma 2 / 3, OLMo 2), and optional per-expert d x d adapters on the outputs."""
 
-    def _adapt(self, y):  # y: [M, B, T, d]
+    def __init__(self, experts: list[nn.Module], post_norms: list[nn.Module] | None, adapters: bool, d: int):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.post_norms = nn.ModuleList(post_norms) if post_norms else None
+        self.adapter = nn.Parameter(torch.empty(len(experts), d, d)) if adapters else None
+
+    def _finish(self, outputs: list) -> torch.Tensor:  # -> [M, B, T, d]
+        if self.post_norms is not None:
+            outputs = [norm(y) for norm, y in zip(self.post_norms, outputs)]
+        y = torch.stack(outputs)
         return y if self.adapter is None else _proj(y, self.adapter)
 
 
-class BAMAttention(Mixture):
-    """M attention experts (stacked weights, nn.Linear layout along a leading expert axis); with kv_sharing one K/V."""
+class AttentionExperts(Mixture):
+    """Expert m is member m's attention; it keeps its K/V in cache slots m*L .. m*L + L - 1 (its layer_idx is the
+    block's index). kv_sharing: expert 0's K/V modules (the members' average) serve every expert."""
 
-    def __init__(self, config: BAMConfig, probe: nn.Module):
-        super().__init__()
-        M, d = config.num_members, config.base_config.hidden_size
-        self.M, self.Mk = M, 1 if config.kv_sharing else M
-        self.head_dim, self.scaling = probe.head_dim, probe.scaling
-        self.heads, self.kv_heads = config.base_config.num_attention_heads, config.base_config.num_key_value_heads
-        self.dropout = float(getattr(config.base_config, "attention_dropout", 0.0) or 0.0)
-        for role in ROLES_ATTN:
-            linear, n = getattr(probe, f"{role}_proj"), self.Mk if role in "kv" else M
-            self.register_parameter(f"{role}_proj", nn.Parameter(torch.empty(n, *linear.weight.shape)))
-            bias = nn.Parameter(torch.empty(n, linear.bias.shape[0])) if linear.bias is not None else None
-            self.register_parameter(f"{role}_bias", bias)
-        qk = getattr(probe, "q_norm", None) is not None  # Qwen3: RMSNorm over each head before the rotary
-        self.qk_eps = probe.q_norm.variance_epsilon if qk else None
-        self.q_norm = nn.Parameter(torch.empty(M, self.head_dim)) if qk else None
-        self.k_norm = nn.Parameter(torch.empty(self.Mk, self.head_dim)) if qk else None
-        self.adapter = nn.Parameter(torch.empty(M, d, d)) if config.adapters else None
+    def __init__(self, experts, post_norms, adapters: bool, d: int, kv_sharing: bool):
+        super().__init__(experts, post_norms, adapters, d)
+        if kv_sharing:
+            for name in hf.kv_parts(experts[0]):
+                for expert in experts[1:]:
+                    setattr(expert, name, Borrowed(getattr(experts[0], name)))
 
-    def forward(self, x, position_embeddings, mask, cache, slot: int):
-        """x: the normed input [B, T, d] -> every expert's output [M, B, T, d]."""
-        B, T, _ = x.shape
-        hd, H, Hk = self.head_dim, self.heads, self.kv_heads
-        q = _proj(x, self.q_proj, self.q_bias).view(self.M, B, T, H, hd)
-        k = _proj(x, self.k_proj, self.k_bias).view(self.Mk, B, T, Hk, hd)
-        v = _proj(x, self.v_proj, self.v_bias).view(self.Mk, B, T, Hk, hd)
-        if self.q_norm is not None:
-            q = _rms(q, self.q_norm[:, None, None, None, :], self.qk_eps)
-            k = _rms(k, self.k_norm[:, None, None, None, :], self.qk_eps)
-        # Experts folded into heads: [M, B, T, H, hd] -> [B, M*H, T, hd]; expert m owns heads m*H .. m*H + H - 1.
-        q, k, v = (t.permute(1, 0, 3, 2, 4).reshape(B, t.shape[0] * t.shape[3], T, hd) for t in (q, k, v))
-        cos, sin = (e.unsqueeze(1) for e in position_embeddings)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(k, v, slot)
-        if self.Mk != self.M:  # shared K/V: every query expert reads the same heads
-            k, v = k.repeat(1, self.M, 1, 1), v.repeat(1, self.M, 1, 1)
-        if H != Hk:  # as transformers' repeat_kv: kv head j serves query heads j*g .. j*g + g - 1
-            k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
-        causal = T > 1 and mask is None
-        if causal and k.shape[2] > T:
-            k, v = k[:, :, :T], v[:, :, :T]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        out = out.view(B, self.M, H, T, hd).permute(1, 0, 3, 2, 4).reshape(self.M, B, T, H * hd)
-        return self._adapt(_proj(out, self.o_proj, self.o_bias))
+    def forward(self, x, ropes, mask, position_ids, cache, num_layers: int):
+        return self._finish([
+            hf.call_attention(attn, x, mask=mask, position_embeddings=rope, position_ids=position_ids,
+                              cache=hf.member_cache(cache, m * num_layers))
+            for m, (attn, rope) in enumerate(zip(self.experts, ropes))])
 
 
-class BAMFFN(Mixture):
-    """M SwiGLU experts, stacked: gate/up [M, F, d], down [M, d, F]."""
-
-    def __init__(self, config: BAMConfig, probe: nn.Module):
-        super().__init__()
-        M, d = config.num_members, config.base_config.hidden_size
-        for role in ("gate", "up", "down"):
-            shape = getattr(probe, f"{role}_proj").weight.shape
-            self.register_parameter(f"{role}_proj", nn.Parameter(torch.empty(M, *shape)))
-        self.act_fn = probe.act_fn
-        self.adapter = nn.Parameter(torch.empty(M, d, d)) if config.adapters else None
-
+class FFNExperts(Mixture):
     def forward(self, x):
-        return self._adapt(_proj(self.act_fn(_proj(x, self.gate_proj)) * _proj(x, self.up_proj), self.down_proj))
+        return self._finish([mlp(x) for mlp in self.experts])
 
 
 class Router(nn.Linear):
@@ -171,35 +145,52 @@ def mix(router: Router, x_normed, outputs, record: list | None):
 
 
 class BAMBlock(nn.Module):
-    def __init__(self, config: BAMConfig, norm_cls, attn_probe, mlp_probe):
-        super().__init__()
-        base, M = config.base_config, config.num_members
-        self.parallel = config.parallel
-        self.input_layernorm = norm_cls(base.hidden_size, eps=base.rms_norm_eps)
-        if not self.parallel:
-            self.post_attention_layernorm = norm_cls(base.hidden_size, eps=base.rms_norm_eps)
-        self.attn_router = Router(base.hidden_size, M, bias=False)
-        self.ffn_router = Router(base.hidden_size, M, bias=False)
-        self.attn = BAMAttention(config, attn_probe)
-        self.mlp = BAMFFN(config, mlp_probe)
+    """One decoder block. Shared (the members' average): the norm before the attention (`attn_norm`, where the
+    family has one) and, sequential only, the one before the FFN (`ffn_norm`). Per expert: the members' own
+    attention / MLP and the norms on their outputs. Granite's residual multiplier scales both mixtures."""
 
-    def forward(self, x, position_embeddings, mask, cache, slot: int, record: list | None = None):
-        n = self.input_layernorm(x)
-        attn = mix(self.attn_router, n, self.attn(n, position_embeddings, mask, cache, slot), record)
+    def __init__(self, config: BAMConfig, layer_idx: int, member_configs: list):
+        super().__init__()
+        base, M, d = config.base_config, config.num_members, config.base_config.hidden_size
+        layers = [hf.new_decoder_layer(c, layer_idx) for c in member_configs]
+        norms = hf.block_norms(base)
+        self.parallel, self.scale = config.parallel, hf.residual_multiplier(base)
+        self.attn_norm = getattr(layers[0], norms["attn_in"]) if "attn_in" in norms else None
+        keep_ffn_norm = "ffn_in" in norms and not self.parallel
+        self.ffn_norm = getattr(layers[0], norms["ffn_in"]) if keep_ffn_norm else None
+        self.attn_router = Router(d, M, bias=False)
+        self.ffn_router = Router(d, M, bias=False)
+        post = {role: [getattr(lay, norms[role]) for lay in layers] if role in norms else None
+                for role in ("attn_out", "ffn_out")}
+        self.attn = AttentionExperts([hf.attention_of(lay) for lay in layers], post["attn_out"], config.adapters, d,
+                                     config.kv_sharing)
+        self.mlp = FFNExperts([hf.mlp_of(lay) for lay in layers], post["ffn_out"], config.adapters, d)
+
+    def forward(self, x, ropes, mask, position_ids, cache, num_layers: int, record: list | None = None):
+        n = x if self.attn_norm is None else self.attn_norm(x)
+        attn = mix(self.attn_router, n, self.attn(n, ropes, mask, position_ids, cache, num_layers), record)
         if self.parallel:
-            return x + attn + mix(self.ffn_router, n, self.mlp(n), record)
-        h = x + attn
-        n = self.post_attention_layernorm(h)
-        return h + mix(self.ffn_router, n, self.mlp(n), record)
+            return x + self.scale * (attn + mix(self.ffn_router, n, self.mlp(n), record))
+        h = x + self.scale * attn
+        n = h if self.ffn_norm is None else self.ffn_norm(h)
+        return h + self.scale * mix(self.ffn_router, n, self.mlp(n), record)
 
 
 class BAMDecoder(nn.Module):
+    """The family's token embedding and final norm, the BAM blocks, and each member's rotary embedding."""
+
     def __init__(self, config: BAMConfig):
         super().__init__()
         base = config.base_config
-        norm_cls, rotary_cls, attn_probe, mlp_probe = family(base)
-        self.embed_tokens = nn.Embedding(base.vocab_size, base.hidden_size, getattr(base, "pad_token_id", None))
-        self.layers = nn.ModuleList(BAMBlock(config, norm_cls, attn_probe, mlp_probe)
-                                    for _ in range(base.num_hidden_layers))
-        self.norm = norm_cls(base.hidden_size, eps=base.rms_norm_eps)
-        self.rotary_emb = rotary_cls(config=base)  # the members' rotary embedding (same class and config)
+        self.member_configs = config.member_configs()
+        self.embed_tokens, self.norm = hf.new_embedding_and_norm(base)
+        self.layers = nn.ModuleList(BAMBlock(config, i, self.member_configs) for i in range(base.num_hidden_layers))
+        distinct = list({id(c): c for c in self.member_configs}.values())
+        self.rotary_emb = nn.ModuleList(hf.new_rotary(c) for c in distinct)  # buffers only, one per distinct rope
+        self._rope_of = [next(j for j, c in enumerate(distinct) if c is mc) for mc in self.member_configs]
+
+    def position_embeddings(self, hidden, position_ids) -> list[dict]:
+        """Per member: its rotary embedding's (cos, sin) keyed by layer type (each distinct setting computed once)."""
+        distinct = [hf.rotaries_of(rot, self.member_configs[self._rope_of.index(j)], hidden, position_ids)
+                    for j, rot in enumerate(self.rotary_emb)]
+        return [distinct[j] for j in self._rope_of]

@@ -13,9 +13,16 @@ bts.core.hf (the one module that touches transformers internals):
                      global θ).
   batched            bts.core.batched re-implements its block (Llama-style: pre-norms, SwiGLU, optional q/k/v
                      biases and q/k norms); the others run on the loop path only.
+  block              where the decoder block's norms sit, for models that rebuild a block from its attention and
+                     MLP (bts.baselines.bam; the names are in bts.core.hf.BLOCK_NORMS): "pre" (a norm before the
+                     attention and one before the MLP), "sandwich" (Gemma 2 / 3: also one after each), "post"
+                     (OLMo 2: one after each, none before).
+  residual_multiplier config field each block's attention and MLP outputs are multiplied by before the residual
+                     add (Granite).
 
 Adding a family is one entry here plus its tiny config in tests/helpers.py (tests/core/test_families.py then checks
-it: starts as the hub, cached = uncached generation, causality, batched or refused, save → load).
+it: starts as the hub, cached = uncached generation, causality, batched or refused, save → load; and
+tests/baselines/test_bam_families.py builds BAM on it).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ class Family:
     final_softcap: str | None = None
     rotary_per_type: bool = False
     batched: bool = False
+    block: str = "pre"
+    residual_multiplier: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -38,10 +47,13 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family(batched=True),  # q/k/v biases, tied embeddings
     "qwen3": Family(batched=True),  # q/k norms
     "gemma": Family(),  # √d embedding scale (in its embedding module), (1 + w) RMSNorm, GeGLU
-    "gemma2": Family(final_softcap="final_logit_softcapping"),  # + attention softcaps, post-norms, alternating
-    "gemma3_text": Family(final_softcap="final_logit_softcapping", rotary_per_type=True),  # local/global rotary
+    # + attention softcaps, post-norms, alternating sliding / full blocks
+    "gemma2": Family(final_softcap="final_logit_softcapping", block="sandwich"),
+    # + local / global rotary
+    "gemma3_text": Family(final_softcap="final_logit_softcapping", rotary_per_type=True, block="sandwich"),
     "phi3": Family(),  # fused qkv_proj and gate_up_proj, partial rotary
-    "olmo2": Family(),  # post-norms, q/k norms over the whole projection
-    "granite": Family(embed_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),  # + residual and
-    # attention multipliers, inside its layers
+    "olmo2": Family(block="post"),  # post-norms, q/k norms over the whole projection
+    # + the attention multiplier, inside its attention
+    "granite": Family(embed_multiplier="embedding_multiplier", logits_divisor="logits_scaling",
+                      residual_multiplier="residual_multiplier"),
 }

@@ -4,19 +4,25 @@ bts runs several Hugging Face decoders block by block, each member as itself. Th
 not promise to keep stable: the decoder-layer call (5.24 renamed `past_key_values` to `cache` and dropped
 `cache_position`), the causal-mask builders, the rotary-embedding call, the KV-cache layout (one cache, a slot per
 member layer, reached through `MemberCache`), what a family's model does around its blocks (embedding multipliers,
-logit scaling and softcapping: the table in bts.core.families) and the name of the cache field on model outputs.
+logit scaling and softcapping: the table in bts.core.families), the name of the cache field on model outputs,
+and, for BAM, how to build a family's decoder pieces (layer, rotary, embedding, norm) one by one and call its
+attention module on its own.
 Everything of that kind lives here, so a new transformers release is a change to this file, and a new family a line
 in bts.core.families.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
+
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import AutoModel, DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from bts.core.families import FAMILIES, Family
 from bts.errors import BTSError
@@ -82,21 +88,24 @@ def build_masks(config, inputs_embeds, attention_mask, cache, position_ids, firs
 def embed(decoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The member's input embeddings, as its own model computes them (Gemma's √d scale lives in its embedding
     module; Granite multiplies by embedding_multiplier)."""
-    states = decoder.embed_tokens(input_ids)
-    field = family(decoder.config).embed_multiplier
-    return states if field is None else states * getattr(decoder.config, field)
+    return scale_embeddings(decoder.config, decoder.embed_tokens(input_ids))
 
 
-def rotary(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
-    return decoder.rotary_emb(hidden, position_ids)
+def scale_embeddings(config, states: torch.Tensor) -> torch.Tensor:
+    field = family(config).embed_multiplier
+    return states if field is None else states * getattr(config, field)
 
 
 def rotaries(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
     """The member's own rotary embedding (its θ and scaling) keyed by layer type: Gemma 3 has one per type."""
-    types = dict.fromkeys(layer_types(decoder.config))
-    if family(decoder.config).rotary_per_type:
-        return {kind: decoder.rotary_emb(hidden, position_ids, kind) for kind in types}
-    cos_sin = decoder.rotary_emb(hidden, position_ids)
+    return rotaries_of(decoder.rotary_emb, decoder.config, hidden, position_ids)
+
+
+def rotaries_of(rotary_emb: nn.Module, config, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    types = dict.fromkeys(layer_types(config))
+    if family(config).rotary_per_type:
+        return {kind: rotary_emb(hidden, position_ids, kind) for kind in types}
+    cos_sin = rotary_emb(hidden, position_ids)
     return dict.fromkeys(types, cos_sin)
 
 
@@ -106,8 +115,12 @@ def context_length(config) -> int | None:
 
 def lm_logits(causal_lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The member's LM head on its final-normed stream, with its family's logit scaling and final softcapping."""
-    config, fam = causal_lm.config, family(causal_lm.config)
-    logits = causal_lm.lm_head(hidden)
+    return scale_logits(causal_lm.config, causal_lm.lm_head(hidden))
+
+
+def scale_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """The family's logit scaling and final softcapping, applied to the LM head's output."""
+    fam = family(config)
     if fam.logits_divisor is not None:
         logits = logits / getattr(config, fam.logits_divisor)
     cap = getattr(config, fam.final_softcap, None) if fam.final_softcap is not None else None
@@ -233,3 +246,90 @@ def batchable(decoders: list) -> str | None:
         if len(signatures) > 1:
             return "the members' blocks differ in shape or attention settings"
     return None
+
+
+# ---- a family's decoder pieces, built and called one by one (bts.baselines.bam) ------------------------------------
+# Where a block's norms sit, by role (attn_in: before the attention, attn_out: on its output, likewise for the MLP),
+# as attribute names of the family's decoder layer; bts.core.families says which layout each family has.
+BLOCK_NORMS = {
+    "pre": {"attn_in": "input_layernorm", "ffn_in": "post_attention_layernorm"},
+    "sandwich": {"attn_in": "input_layernorm", "attn_out": "post_attention_layernorm",
+                 "ffn_in": "pre_feedforward_layernorm", "ffn_out": "post_feedforward_layernorm"},
+    "post": {"attn_out": "post_attention_layernorm", "ffn_out": "post_feedforward_layernorm"},
+}
+
+
+def block_norms(config) -> dict[str, str]:
+    return dict(BLOCK_NORMS[family(config).block])
+
+
+def residual_multiplier(config) -> float:
+    field = family(config).residual_multiplier
+    return 1.0 if field is None else float(getattr(config, field))
+
+
+def _family_class(config, suffix: str) -> type:
+    check_supported(config)
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    module = importlib.import_module(causal.__module__)
+    return getattr(module, causal.__name__.removesuffix("ForCausalLM") + suffix)
+
+
+def new_decoder_layer(config, layer_idx: int) -> nn.Module:
+    """A freshly initialised decoder layer of the family (its attention, MLP and norms), as its model builds it."""
+    return _family_class(config, "DecoderLayer")(config, layer_idx)
+
+
+def attention_of(layer) -> nn.Module:
+    return layer.self_attn
+
+
+def mlp_of(layer) -> nn.Module:
+    return layer.mlp
+
+
+def new_rotary(config) -> nn.Module:
+    return _family_class(config, "RotaryEmbedding")(config=config)
+
+
+def _zero_layer_model(config, attn_implementation=None):
+    empty = copy.deepcopy(config)
+    empty.num_hidden_layers = 0
+    if getattr(empty, "layer_types", None) is not None:
+        empty.layer_types = []
+    return AutoModel.from_config(empty, attn_implementation=attn_implementation or config._attn_implementation)
+
+
+def new_embedding_and_norm(config) -> tuple[nn.Module, nn.Module]:
+    """The family's token embedding (Gemma's scales by √d itself) and final norm, built as its model builds them."""
+    shell = _zero_layer_model(config)
+    return shell.embed_tokens, shell.norm
+
+
+def family_shell(config, attn_implementation: str | None) -> nn.Module:
+    """The family's model with no blocks, on the meta device (no memory): its `_init_weights` is the family's own
+    initialisation (norms, Gemma's embedding scale, Gemma 3's per-type rotary buffers) and its config's
+    `_attn_implementation` the requested one, or eager where the family refuses SDPA, transformers' default (Gemma 2)."""
+    with torch.device("meta"):
+        try:
+            return _zero_layer_model(config, attn_implementation)
+        except ValueError:
+            if attn_implementation not in (None, "sdpa"):
+                raise
+            return _zero_layer_model(config, "eager")
+
+
+def kv_parts(attn) -> list[str]:
+    """The submodules of an attention that make its keys and values (kv_sharing shares them across experts)."""
+    if not all(isinstance(getattr(attn, name, None), nn.Module) for name in ("k_proj", "v_proj")):
+        raise BTSError(f"kv_sharing needs separate k_proj and v_proj; {type(attn).__name__} has none "
+                       "(fused projections).")
+    return ["k_proj", "v_proj"] + (["k_norm"] if isinstance(getattr(attn, "k_norm", None), nn.Module) else [])
+
+
+def call_attention(attn, hidden, *, mask, position_embeddings, position_ids, cache) -> torch.Tensor:
+    """A family's attention module on its normed input (its rotary, masks, softcaps and q/k norms inside it); it
+    reads and writes its cache slot `layer_idx` through `cache` (a MemberCache view for a member's own slots)."""
+    out = attn(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=mask,
+               position_ids=position_ids, **{CACHE_KWARG: cache})
+    return out[0] if isinstance(out, tuple) else out
