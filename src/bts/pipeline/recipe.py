@@ -38,6 +38,8 @@ class DomainSpec:
     text_field: str = "text"
     group_field: str = ""  # documents sharing a group never straddle train/held-out
     max_chars: int = 2_000_000
+    max_tokens: int = 0  # training tokens kept from this domain (0 = all), next to max_chars
+    streaming: bool = False  # for source=hf: read the dataset as it arrives instead of from the local cache
 
 
 @dataclass
@@ -46,6 +48,8 @@ class DataConfig:
     seq_len: int = 128
     split_fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train / val / held-out, by group
     eval_tokens: int = 32768  # held-out tokens scored per domain (0 = all)
+    pack: bool = True  # training windows span documents, EOS-separated (as in pretraining); false: one per window
+    processes: int = 0  # tokenization processes (0 = up to 8, one per core); the shards do not depend on it
 
 
 @dataclass
