@@ -252,6 +252,9 @@ def _check_train(t: TrainConfig, where: str) -> None:
         raise BTSError(f"{where}.batch_size ({t.batch_size}) must be a multiple of grad_accum ({t.grad_accum}).")
     if t.dtype not in ("float32", "bfloat16"):
         raise BTSError(f"{where}.dtype must be float32 or bfloat16 (got '{t.dtype}').")
+    from bts.train.tracking import check
+
+    check(t.report_to, f"{where}.report_to")
 
 
 def _check_data(data: DataConfig) -> None:
@@ -277,6 +280,8 @@ def _check_data(data: DataConfig) -> None:
             raise BTSError(f"{where}.text_field is empty but source is '{spec.source}'.")
         if spec.max_chars < 0:
             raise BTSError(f"{where}.max_chars must be ≥ 0 (0 = all) (got {spec.max_chars}).")
+        if spec.max_tokens < 0:
+            raise BTSError(f"{where}.max_tokens must be ≥ 0 (0 = all) (got {spec.max_tokens}).")
     positive(data.seq_len, "data.seq_len")
     fr = data.split_fractions
     if (len(fr) != 3 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 for x in fr)
@@ -285,6 +290,8 @@ def _check_data(data: DataConfig) -> None:
                        f"held-out > 0 (got {fr}).")
     if data.eval_tokens < 0:
         raise BTSError(f"data.eval_tokens must be ≥ 0 (0 = all) (got {data.eval_tokens}).")
+    if data.processes < 0:
+        raise BTSError(f"data.processes must be ≥ 0 (0 = one per core, up to 8) (got {data.processes}).")
 
 
 def _check_stitch(recipe: Recipe) -> None:
