@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bts.data import corpora
 from bts.data.documents import SPLITS, assign_groups, cap_mask
+from bts.data.shards import remove_stale
 from bts.errors import BTSError
 
 
@@ -30,8 +31,7 @@ def prepare_domain(name: str, spec, out_dir, fractions=(0.8, 0.1, 0.1), seed: in
     stats: dict = {}
     docs = corpora.iter_domain(name, spec, cache_dir, stats)  # refuses bad specs / globs before anything is made
     s = corpora._normalise_spec(name, spec)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(out)  # left by a killed run
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:

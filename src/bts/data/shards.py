@@ -101,8 +101,7 @@ def build_shard(path, docs, tokenizer, *, max_tokens: int = 0, processes: int = 
     if eos is None:
         raise BTSError(f"the tokenizer has no EOS token, which separates packed documents in {path}.")
     dtype = dtype_for(len(tokenizer))
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run: never read, removed
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     from tqdm import tqdm
@@ -157,6 +156,20 @@ def build_shard(path, docs, tokenizer, *, max_tokens: int = 0, processes: int = 
             print(f"[{desc}] {n_tokens:,} tokens from {n_docs:,} documents in {wall:.1f}s "
               f"({n_tokens / max(wall, 1e-9):,.0f} tok/s)", file=sys.stderr, flush=True)
     return Shard(path, want)
+
+
+def remove_stale(path: Path) -> None:
+    """Remove the temporary folders of `path` left by killed processes (never those of a live one: torchrun ranks
+    may write the same shard side by side)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def _chunks(docs):
