@@ -106,7 +106,7 @@ def build_shard(path, docs, tokenizer, *, max_tokens: int = 0, processes: int = 
     tmp.mkdir(parents=True)
     from tqdm import tqdm
 
-    t0, n_tokens, n_docs, group_ids = time.perf_counter(), 0, 0, {}
+    t0, n_tokens, n_docs, group_ids, done_chars, said = time.perf_counter(), 0, 0, {}, 0, 0
     bar = tqdm(total=total_chars or None, desc=desc, unit="char", unit_scale=True, disable=None, file=sys.stderr)
     try:
         with open(tmp / "tokens.bin", "wb") as tf, open(tmp / "docs.bin", "wb") as df, \
@@ -129,6 +129,11 @@ def build_shard(path, docs, tokenizer, *, max_tokens: int = 0, processes: int = 
                 df.write(np.stack([starts, gids], axis=1).astype("<i8").tobytes())
                 n_tokens, n_docs = n_tokens + len(ids), n_docs + len(groups)
                 bar.update(chars)
+                done_chars += chars
+                if bar.disable and total_chars > PARALLEL_CHARS and done_chars * 10 // total_chars > said:  # a log
+                    said, spent = done_chars * 10 // total_chars, time.perf_counter() - t0
+                    print(f"[{desc}] {min(100, said * 10)}% eta {spent * (total_chars / done_chars - 1):.0f}s",
+                          file=sys.stderr, flush=True)
                 if fault:
                     faults.point(f"{fault}:{k}")
                 if max_tokens and n_tokens >= max_tokens:
