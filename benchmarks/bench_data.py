@@ -7,8 +7,9 @@
    max_chars: 0, a 2,048-entry BPE): streaming to the split files, BPE training, and the token shards. Printed:
    tokens/s of the whole preparation (process start included), and the child's peak memory, both as the PSS
    summed over its process tree sampled from /proc every 0.1 s (the forked tokenization workers included, shared
-   pages once) and as the peak RSS of the largest single process (getrusage RUSAGE_CHILDREN). The bound is 1.5 GB, and it must not grow with the corpus: the ratio of the
-   peaks of the largest and the smallest corpus is printed.
+   pages once) and as the peak RSS of the largest single process (getrusage RUSAGE_CHILDREN). The bound is
+   1.5 GB, and it must not grow with the corpus: the ratio of the peaks of the largest and the smallest corpus is
+   printed.
 2. Reader: tokens/s of Batcher(step) reading windows from a shard's memory map (demo stitch batches: 8 × 128),
    against the tokens/s one demo-size stitch step consumes (4 experts of the demo seed, 4 stitches, measured with
    bench_train.bench_step on this machine). The reader must be ≥ 20× faster.

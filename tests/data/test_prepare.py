@@ -113,7 +113,8 @@ def test_a_bad_jsonl_line_through_the_cli_exits_2_and_no_domain_is_written(tmp_p
                  tmp_path / "log")
     errors = [x for x in (tmp_path / "log").read_text().splitlines() if x.startswith("bts: error:")]
     assert rc == 2 and len(errors) == 1 and "2.jsonl line 3 is not valid JSON." in errors[0]
-    assert not (tmp_path / "run" / "data" / "mine").exists() and not (tmp_path / "run" / "stages" / "data.json").exists()
+    assert not (tmp_path / "run" / "data" / "mine").exists()
+    assert not (tmp_path / "run" / "stages" / "data.json").exists()
     assert not list((tmp_path / "run" / "data").glob(".*"))
 
 

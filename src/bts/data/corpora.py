@@ -24,8 +24,8 @@ grouped by `group_field` when given, else each row is its own group. HF datasets
 Specs are dicts or objects with the fields of `bts.pipeline.recipe.DomainSpec`: source, files, dataset, config, split,
 text_field, group_field, max_chars, max_tokens (training tokens kept, applied when the shards are written),
 streaming (HF datasets read as they arrive). `iter_domain` yields the documents one at a time (what the data stage
-streams to disk, bts.data.prepare); `load_domain` lists them. The cache root is `cache_dir`, else $BTS_CORPORA_CACHE, else
-$XDG_CACHE_HOME/bts/corpora (default ~/.cache/bts/corpora).
+streams to disk, bts.data.prepare); `load_domain` lists them. The cache root is `cache_dir`, else
+$BTS_CORPORA_CACHE, else $XDG_CACHE_HOME/bts/corpora (default ~/.cache/bts/corpora).
 """
 
 from __future__ import annotations
