@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from bts import BTSForCausalLM
+from bts.data.shards import Shard
 from bts.data.streams import eval_windows
 from bts.eval.heldout import heldout_loss
 
@@ -50,10 +51,10 @@ def loss_table(model, root: Path, windows: int) -> tuple[dict, list]:
     rows = {k: [] for k in range(1, len(names) + 1)}
     prompts = []
     for d in names:
-        path = root / "data" / d / "heldout.tokens.pt"
-        if not path.exists():
+        path = root / "data" / d / "heldout.tokens"  # the token shard (bts.data.shards)
+        if not (path / "meta.json").exists():
             continue
-        w = eval_windows(torch.load(path, weights_only=True), seq)
+        w = eval_windows(Shard(path), seq)
         probe, scored = w[:1], w[1:1 + windows]
         model.set_active_experts(None)
         full = heldout_loss(model, scored)

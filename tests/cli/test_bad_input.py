@@ -132,8 +132,6 @@ CASES = [
         tmp, "tiny.jsonl", "".join(json.dumps({"text": f"w{i}"}) + "\n" for i in range(12))), ["'mine'", "seq_len=64"]),
     ("text field that does not exist", lambda tmp: _files_domain(
         tmp, "rows.jsonl", json.dumps({"body": "x"}) + "\n"), ["text_field", "'text'", "rows.jsonl"]),
-    ("non-UTF-8 file", lambda tmp: _files_domain(tmp, "latin1.txt", "café".encode("latin-1") * 50),
-     ["latin1.txt", "UTF-8"]),
     ("files matching nothing", lambda tmp: ["run", "smoke", *TINY,
                                             f"data.domains={{code: {{source: files, files: ['{tmp}/none/*.txt']}}}}",
                                             "--run-dir", str(tmp / "run")], ["none/*.txt"]),

@@ -27,6 +27,7 @@ from bts.cli.child import run_cli
 # One crash per phase, in pipeline order; each re-run resumes and is killed in the next phase.
 CRASHES = [
     ("data:code", "data: after the first domain's splits, before the stage marker"),
+    ("shard:code:train:0", "tokenization: the first shard's tokens written, before it is renamed into place"),
     ("seed:3", "seed pretraining mid-way (checkpoint at step 2)"),
     ("expert:code:3", "an expert mid-way"),
     ("expert:math:4", "an expert after its last checkpoint, before the model is saved"),
@@ -77,6 +78,8 @@ def test_kill_9_in_every_phase_then_rerun_equals_uninterrupted(reference, tmp_pa
         rc = bts(["--run-dir", str(run)], tmp_path / "log", fault=fault)
         assert rc == -9, f"the crash '{where}' did not happen (exit {rc}): {(tmp_path / 'log').read_text()[-2000:]}"
         assert (run / "run.lock").exists()  # left behind by the dead process: the re-run must take it over
+        if fault == "shard:code:train:0":  # the half-written shard is under a temporary name, never read
+            assert not (run / "data/code/train.tokens").exists() and list((run / "data/code").glob(".train.*.tmp-*"))
         if fault == "seed:3":
             assert [p.name for p in (run / "train/seed/ckpt").glob("step-*")] == ["step-0000002"]
         if fault == "write:bts.json":  # the complete temp file exists, the entry does not: it is never read

@@ -22,8 +22,10 @@ User files: txt (any suffix) = one document per file, grouped by file; jsonl / p
 grouped by `group_field` when given, else each row is its own group. HF datasets load offline from the local cache.
 
 Specs are dicts or objects with the fields of `bts.pipeline.recipe.DomainSpec`: source, files, dataset, config, split,
-text_field, group_field, max_chars. The cache root is `cache_dir`, else $BTS_CORPORA_CACHE, else
-$XDG_CACHE_HOME/bts/corpora (default ~/.cache/bts/corpora).
+text_field, group_field, max_chars, max_tokens (training tokens kept, applied when the shards are written),
+streaming (HF datasets read as they arrive). `iter_domain` yields the documents one at a time (what the data stage
+streams to disk, bts.data.prepare); `load_domain` lists them. The cache root is `cache_dir`, else
+$BTS_CORPORA_CACHE, else $XDG_CACHE_HOME/bts/corpora (default ~/.cache/bts/corpora).
 """
 
 from __future__ import annotations
@@ -35,33 +37,48 @@ from bts.data.builtin import CACHE_FORMAT, default_cache_dir, prepare_builtin  #
 from bts.data.builtin import _domain_dir, _read_provenance
 from bts.data.documents import (BUILTIN_DOMAINS, SPLITS, Document, cap_documents, fixture_corpus,  # noqa: F401
                                 fixture_provenance, fixture_slice, split_by_group, write_fixture)
-from bts.data.documents import _read_jsonl_docs
-from bts.data.sources import _load_files, _load_hf
+from bts.data.documents import _iter_jsonl_docs
+from bts.data.sources import iter_files, iter_hf
 from bts.errors import BTSError
 
 SOURCES = ("builtin", "fixture", "files", "hf")
 DEFAULT_MAX_CHARS = 3_000_000
-SPEC_FIELDS = ("source", "files", "dataset", "config", "split", "text_field", "group_field", "max_chars")
+SPEC_FIELDS = ("source", "files", "dataset", "config", "split", "text_field", "group_field", "max_chars",
+               "max_tokens", "streaming")
 
 
 # ---- public API --------------------------------------------------------------------------------------------
 def load_domain(name: str, spec=None, cache_dir: str | os.PathLike | None = None) -> list[Document]:
-    """The documents of domain `name` described by `spec` (dict or DomainSpec-like object; None = builtin)."""
+    """The documents of domain `name` described by `spec` (dict or DomainSpec-like object; None = builtin), capped
+    at max_chars, as a list (small corpora; bts.data.prepare streams big ones through iter_domain instead)."""
     s = _normalise_spec(name, spec)
+    docs = list(iter_domain(name, s, cache_dir))
+    if not docs:
+        raise empty_domain(name, s)
+    return cap_documents(docs, s["max_chars"])
+
+
+def iter_domain(name: str, spec=None, cache_dir=None, stats: dict | None = None):
+    """The documents of domain `name`, one at a time and uncapped (non-empty texts only). Bytes that are not
+    UTF-8 are replaced and counted in `stats["replaced_bytes"]`. Bad specs and globs are refused before the
+    first document is read."""
+    s = _normalise_spec(name, spec)
+    stats = {} if stats is None else stats
     if s["source"] == "builtin":
         prepare_builtin(name, cache_dir)
-        docs = _read_jsonl_docs(_domain_dir(name, cache_dir) / "documents.jsonl")
-    elif s["source"] == "fixture":
-        docs = fixture_corpus(name)
-    elif s["source"] == "files":
-        docs = _load_files(name, s)
-    else:
-        docs = _load_hf(name, s)
-    if not docs:
-        what = {"files": s.get("files"), "hf": s.get("dataset")}.get(s["source"])  # name the value, not just the source
-        raise BTSError(f"data.domains.{name}: source '{s['source']}' yielded no non-empty documents"
-                       f"{f' (from {what})' if what else ''}.")
-    return cap_documents(docs, s["max_chars"])
+        return _iter_jsonl_docs(_domain_dir(name, cache_dir) / "documents.jsonl")
+    if s["source"] == "fixture":
+        return iter(fixture_corpus(name))
+    if s["source"] == "files":
+        return iter_files(name, s, stats)
+    return iter_hf(name, s, stats)
+
+
+def empty_domain(name: str, spec) -> BTSError:
+    s = _normalise_spec(name, spec)
+    what = {"files": s.get("files"), "hf": s.get("dataset")}.get(s["source"])  # name the value, not just the source
+    return BTSError(f"data.domains.{name}: source '{s['source']}' yielded no non-empty documents"
+                    f"{f' (from {what})' if what else ''}.")
 
 
 def provenance(name: str, cache_dir=None) -> dict:
@@ -90,7 +107,7 @@ def _normalise_spec(name: str, spec) -> dict:
     if unknown:
         raise BTSError(f"data.domains.{name}.{unknown[0]} is not a domain field (fields: {', '.join(SPEC_FIELDS)}).")
     s = {"source": "builtin", "files": [], "dataset": "", "config": "", "split": "train", "text_field": "text",
-         "group_field": "", "max_chars": DEFAULT_MAX_CHARS}
+         "group_field": "", "max_chars": DEFAULT_MAX_CHARS, "max_tokens": 0, "streaming": False}
     s.update({k: v for k, v in raw.items() if v is not None})
     if s["source"] not in SOURCES:
         raise BTSError(f"data.domains.{name}.source must be one of {', '.join(SOURCES)} (got '{s['source']}').")
@@ -98,4 +115,6 @@ def _normalise_spec(name: str, spec) -> dict:
         s["files"] = [s["files"]]
     if not isinstance(s["max_chars"], int) or s["max_chars"] < 0:
         raise BTSError(f"data.domains.{name}.max_chars must be a non-negative integer (got {s['max_chars']!r}).")
+    if not isinstance(s["max_tokens"], int) or s["max_tokens"] < 0:
+        raise BTSError(f"data.domains.{name}.max_tokens must be a non-negative integer (got {s['max_tokens']!r}).")
     return s

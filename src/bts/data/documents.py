@@ -8,6 +8,7 @@ of the built-in domains under bts/data/fixtures/<domain>/ (tests, the smoke pres
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import random
@@ -31,7 +32,20 @@ class Document:
 
 def split_by_group(docs: list[Document], fractions=(0.8, 0.1, 0.1), seed: int = 0,
                    heldout_groups=None) -> dict[str, list[Document]]:
-    """Assign whole groups to train / val / heldout, aiming at `fractions` of the characters.
+    """Assign whole groups to train / val / heldout, aiming at `fractions` of the characters (assign_groups)."""
+    sizes: dict[str, int] = {}
+    for d in docs:
+        sizes[d.group] = sizes.get(d.group, 0) + len(d.text)
+    assign = assign_groups(sizes, fractions, seed, heldout_groups)
+    out = {s: [] for s in SPLITS}
+    for d in docs:
+        out[assign[d.group]].append(d)
+    return out
+
+
+def assign_groups(sizes: dict[str, int], fractions=(0.8, 0.1, 0.1), seed: int = 0,
+                  heldout_groups=None) -> dict[str, str]:
+    """group -> split from the groups' sizes in characters alone (so a corpus never has to be in memory).
 
     Deterministic in (groups, sizes, seed). Every split with a non-zero fraction gets at least one group, and no
     group is in two splits. With `heldout_groups`, exactly those groups are held out and the heldout fraction is
@@ -42,9 +56,6 @@ def split_by_group(docs: list[Document], fractions=(0.8, 0.1, 0.1), seed: int = 
     if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
         raise BTSError(f"data.split_fractions must be three non-negative numbers (train > 0) summing to 1 "
                        f"(got {list(fractions)}).")
-    sizes: dict[str, int] = {}
-    for d in docs:
-        sizes[d.group] = sizes.get(d.group, 0) + len(d.text)
     total = sum(sizes.values())
     order = sorted(sizes)
     random.Random(f"bts-split-{seed}").shuffle(order)  # str seeds are hashed deterministically (not PYTHONHASHSEED)
@@ -60,7 +71,8 @@ def split_by_group(docs: list[Document], fractions=(0.8, 0.1, 0.1), seed: int = 
         to_fill.insert(0, ("heldout", fractions[2]))
     needed = 1 + sum(1 for _, f in to_fill if f > 0) + (heldout_groups is not None and bool(heldout_groups))
     if len(sizes) < needed:
-        raise BTSError(f"split_by_group got {len(sizes)} document group(s) ({', '.join(order)}) but needs at least "
+        shown = ", ".join(order[:8]) + (", ..." if len(order) > 8 else "")
+        raise BTSError(f"split_by_group got {len(sizes)} document group(s) ({shown}) but needs at least "
                        f"{needed}, one per non-empty split; add documents from more groups.")
     for split, fraction in to_fill:
         if fraction <= 0:
@@ -79,35 +91,39 @@ def split_by_group(docs: list[Document], fractions=(0.8, 0.1, 0.1), seed: int = 
             chosen = [min(free, key=lambda g: sizes[g])]
         for g in chosen:
             assign[g] = split
-    out = {s: [] for s in SPLITS}
-    for d in docs:
-        out[assign.get(d.group, "train")].append(d)
-    return out
+    return {g: assign.get(g, "train") for g in sizes}
 
 
 def cap_documents(docs: list[Document], max_chars: int | None) -> list[Document]:
-    """At most `max_chars` characters, taken round-robin across groups (document order within a group).
+    """At most `max_chars` characters, taken round-robin across groups (cap_mask); output keeps the input order."""
+    keep = cap_mask([d.group for d in docs], [len(d.text) for d in docs], max_chars)
+    return [d for d, k in zip(docs, keep) if k]
+
+
+def cap_mask(groups, lengths, max_chars: int | None) -> list[bool]:
+    """Which documents (given by group and length, in order) to keep for at most `max_chars` characters, taken
+    round-robin across groups (document order within a group).
 
     A document that would overflow the cap closes its group, so the result never exceeds the cap and small groups
-    are not starved by big ones. Output keeps the input order. None or 0 means no cap.
+    are not starved by big ones. None or 0 means no cap.
     """
-    if not max_chars or sum(len(d.text) for d in docs) <= max_chars:
-        return list(docs)
-    queues: dict[str, list[int]] = {}
-    for i, d in enumerate(docs):
-        queues.setdefault(d.group, []).append(i)
-    keep, used = set(), 0
+    if not max_chars or sum(lengths) <= max_chars:
+        return [True] * len(lengths)
+    queues: dict = {}
+    for i, g in enumerate(groups):
+        queues.setdefault(g, collections.deque()).append(i)
+    keep, used = [False] * len(lengths), 0
     while queues:
         for group in list(queues):
-            i = queues[group].pop(0)
-            if used + len(docs[i].text) > max_chars:
-                queues[group] = []
+            i = queues[group].popleft()
+            if used + lengths[i] > max_chars:
+                queues[group].clear()
             else:
-                keep.add(i)
-                used += len(docs[i].text)
+                keep[i] = True
+                used += lengths[i]
             if not queues[group]:
                 del queues[group]
-    return [d for i, d in enumerate(docs) if i in keep]
+    return keep
 
 
 def fixture_slice(docs: list[Document], max_chars: int = 90_000, doc_chars: int = 4_000,
@@ -153,8 +169,14 @@ def fixture_provenance(domain: str) -> dict:
 
 
 def _read_jsonl_docs(path: Path) -> list[Document]:
+    return list(_iter_jsonl_docs(path))
+
+
+def _iter_jsonl_docs(path: Path):
     with open(path, encoding="utf-8") as f:
-        return [Document(**json.loads(line)) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                yield Document(**json.loads(line))
 
 
 def _cut_at_line(text: str, limit: int) -> str:

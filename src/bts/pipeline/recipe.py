@@ -39,6 +39,8 @@ class DomainSpec:
     text_field: str = "text"
     group_field: str = ""  # documents sharing a group never straddle train/held-out
     max_chars: int = 2_000_000
+    max_tokens: int = 0  # training tokens kept from this domain (0 = all), next to max_chars
+    streaming: bool = False  # for source=hf: read the dataset as it arrives instead of from the local cache
 
 
 @dataclass
@@ -47,6 +49,8 @@ class DataConfig:
     seq_len: int = 128
     split_fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train / val / held-out, by group
     eval_tokens: int = 32768  # held-out tokens scored per domain (0 = all)
+    pack: bool = True  # training windows span documents, EOS-separated (as in pretraining); false: one per window
+    processes: int = 0  # tokenization processes (0 = up to 8, one per core); the shards do not depend on it
 
 
 @dataclass
@@ -270,6 +274,9 @@ def _check_train(t: TrainConfig, where: str) -> None:
         raise BTSError(f"{where}.batch_size ({t.batch_size}) must be a multiple of grad_accum ({t.grad_accum}).")
     if t.dtype not in TRAIN_DTYPES:
         raise BTSError(f"{where}.dtype must be auto, float32 or bfloat16 (got '{t.dtype}').")
+    from bts.train.tracking import check
+
+    check(t.report_to, f"{where}.report_to")
 
 
 def _check_data(data: DataConfig) -> None:
@@ -295,6 +302,8 @@ def _check_data(data: DataConfig) -> None:
             raise BTSError(f"{where}.text_field is empty but source is '{spec.source}'.")
         if spec.max_chars < 0:
             raise BTSError(f"{where}.max_chars must be ≥ 0 (0 = all) (got {spec.max_chars}).")
+        if spec.max_tokens < 0:
+            raise BTSError(f"{where}.max_tokens must be ≥ 0 (0 = all) (got {spec.max_tokens}).")
     positive(data.seq_len, "data.seq_len")
     fr = data.split_fractions
     if (len(fr) != 3 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 for x in fr)
@@ -303,6 +312,8 @@ def _check_data(data: DataConfig) -> None:
                        f"held-out > 0 (got {fr}).")
     if data.eval_tokens < 0:
         raise BTSError(f"data.eval_tokens must be ≥ 0 (0 = all) (got {data.eval_tokens}).")
+    if data.processes < 0:
+        raise BTSError(f"data.processes must be ≥ 0 (0 = one per core, up to 8) (got {data.processes}).")
 
 
 def _check_stitch(recipe: Recipe) -> None:

@@ -14,7 +14,7 @@ stage, in order). The directory's lock, markers and manifest are bts.pipeline.ru
 
 Layout of a run directory:
     recipe.yaml, env.json                 resolved recipe, package versions, git commit
-    data/<domain>/{train,val,heldout}.jsonl, provenance.json
+    data/<domain>/{train,val,heldout}.jsonl, provenance.json, {train,val,heldout}.tokens/ (token shards)
     tokenizer/                            (when no seed model is given)
     models/seed, models/expert-<domain>, models/bts, models/<baseline>   (a given seed or expert stays where it
                                           is: its marker records folder + sha256; RunData.model_dir)

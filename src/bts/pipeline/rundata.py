@@ -1,5 +1,6 @@
 """A pipeline run's recipe over its run directory, and the run's data: texts, the tokenizer (trained by the
-tokenizer stage, or the seed model's), token streams, batchers, the stitch datamix and held-out texts.
+tokenizer stage, or the seed model's), token shards (bts.data.shards, under data/<domain>/<split>.tokens),
+batchers reading windows from them, the stitch datamix (sampled from the shards) and held-out texts.
 
 Used by the stages (bts.pipeline.stages), the baselines (bts.baselines.registry: recipe, path(), domains,
 stream(), batcher(), stitch_mix()) and the modularity measurement; bts.pipeline.run.Run adds running the stages.
@@ -8,15 +9,14 @@ The directory's lock, markers and manifest are bts.pipeline.rundir.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from bts.atomic import atomic_write_bytes
-from bts.data.streams import Batcher, interleave, tokenize_stream
+from bts.data.prepare import read_split
+from bts.data.shards import Shard, build_shard, tokenizer_hash
+from bts.data.streams import Batcher, interleave
 from bts.errors import BTSError
 from bts.pipeline.recipe import Recipe
 from bts.pipeline.rundir import RunDir
@@ -62,8 +62,8 @@ class RunData:
 
     # ---- data ------------------------------------------------------------------------------------------------
     def texts(self, domain: str, split: str) -> list[str]:
-        with open(self.path("data", domain, f"{split}.jsonl"), encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
+        """A split's texts as a list (small splits; big ones are read with read_split, one at a time)."""
+        return [text for text, _ in read_split(self.path("data", domain, f"{split}.jsonl"))]
 
     def tokenizer(self):
         """The seed model's tokenizer, or the run's own (trained by the tokenizer stage, at once if it has not
@@ -88,7 +88,7 @@ class RunData:
             texts = []
             for d in self.domains:
                 taken = 0
-                for t in self.texts(d, "train"):
+                for t, _ in read_split(self.path("data", d, "train.jsonl")):
                     texts.append(t[: budget - taken])
                     taken += len(texts[-1])
                     if taken >= budget:
@@ -97,26 +97,40 @@ class RunData:
             tok.save_pretrained(self.path("tokenizer"))
             info["vocab_size"] = len(tok)
 
-    def stream(self, domain: str, split: str) -> torch.Tensor:
+    def stream(self, domain: str, split: str) -> Shard:
+        """The split's token shard (data/<domain>/<split>.tokens, memory-mapped), tokenized now if it is not on
+        disk yet; a shard written by another tokenizer is refused."""
         key = (domain, split)
         if key not in self._streams:
-            cache = self.path("data", domain, f"{split}.tokens.pt")
-            if cache.exists():
-                self._streams[key] = torch.load(cache, weights_only=True)
+            path = self.path("data", domain, f"{split}.tokens")
+            tok = self.tokenizer()
+            if (path / "meta.json").exists():
+                shard = Shard(path, tokenizer_hash(tok))
             else:
-                stream = tokenize_stream(self.tokenizer(), self.texts(domain, split))
-                if len(stream) == 0:
-                    raise BTSError(f"domain '{domain}' has an empty {split} split.")
-                buffer = io.BytesIO()
-                torch.save(stream, buffer)
-                atomic_write_bytes(cache, buffer.getvalue())  # a unique temp name: ranks may tokenize at once
-                self._streams[key] = stream
+                spec = self.recipe.data.domains[domain]
+                shard = build_shard(path, read_split(self.path("data", domain, f"{split}.jsonl")), tok,
+                                    max_tokens=(getattr(spec, "max_tokens", 0) or 0) if split == "train" else 0,
+                                    processes=self.recipe.data.processes, total_chars=self._chars(domain, split),
+                                    desc=f"tokenize {domain}/{split}", fault=f"shard:{domain}:{split}")
+            if len(shard) == 0:
+                raise BTSError(f"domain '{domain}' has an empty {split} split.")
+            self._streams[key] = shard
         return self._streams[key]
+
+    def shards(self) -> None:
+        """Tokenize every split of every domain that is not on disk yet (the tokenizer stage calls this)."""
+        for d in self.domains:
+            for split in ("train", "val", "heldout"):
+                self.stream(d, split)
+
+    def _chars(self, domain: str, split: str) -> int:
+        info = (self.done("data") or {}).get(domain, {})
+        return int(info.get("chars", {}).get(split, 0)) if isinstance(info.get("chars"), dict) else 0
 
     def batcher(self, weights: dict, cfg, salt: int) -> Batcher:
         streams = {d: self.stream(d, "train") for d in weights}
         return Batcher(streams, weights, self.recipe.data.seq_len, cfg.batch_size, cfg.grad_accum,
-                       seed=self.recipe.seed * 7919 + salt)
+                       seed=self.recipe.seed * 7919 + salt, pack=self.recipe.data.pack)
 
     def stitch_mix(self, experts: list[str] | None = None) -> dict:
         """The stitch datamix: general_weight of the seed's general mix (all domains equally) plus the rest split

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from bts import faults
-from bts.atomic import atomic_write_json, atomic_write_text
+from bts.atomic import atomic_write_json
 from bts.data import corpora
 from bts.data.streams import eval_windows
 from bts.errors import BTSError
@@ -80,35 +80,39 @@ def budget(run, phase: str) -> dict | None:
 # ---- the stages, in pipeline order --------------------------------------------------------------------------
 @stage("data")
 def data(run, info) -> None:
+    from bts.data.prepare import prepare_domain
+
     fractions = tuple(run.recipe.data.split_fractions)
-    for name, spec in run.recipe.data.domains.items():
-        docs = corpora.load_domain(name, spec)
-        splits = corpora.split_by_group(docs, fractions=fractions, seed=run.recipe.seed)
-        for split, items in splits.items():
-            atomic_write_text(run.path("data", name, f"{split}.jsonl"), "".join(
-                json.dumps({"id": d.id, "group": d.group, "text": d.text}, ensure_ascii=False) + "\n"
-                for d in items))
-        atomic_write_json(run.path("data", name, "provenance.json"), _provenance(name, spec, docs))
-        info[name] = {split: len(items) for split, items in splits.items()}
+    for name, spec in run.recipe.data.domains.items():  # streamed to disk in bounded memory (bts.data.prepare)
+        got = prepare_domain(name, spec, run.path("data", name), fractions=fractions, seed=run.recipe.seed)
+        if got["replaced_bytes"]:
+            log(f"warning: data.domains.{name}: {got['replaced_bytes']} byte(s) that are not UTF-8 were replaced "
+                f"by U+FFFD (in {', '.join(got['replaced_in'])})")
+        atomic_write_json(run.path("data", name, "provenance.json"), _provenance(name, spec, got))
+        info[name] = {split: c["documents"] for split, c in got["splits"].items()}
+        info[name]["chars"] = {split: c["chars"] for split, c in got["splits"].items()}
         faults.point(f"data:{name}")
 
 
-def _provenance(name: str, spec, docs) -> dict:
+def _provenance(name: str, spec, got: dict) -> dict:
     if spec.source == "builtin":
         prov = dict(corpora.provenance(name))
     elif spec.source == "fixture":
         prov = dict(corpora.fixture_provenance(name))
     else:
         prov = {"source": spec.source, "files": spec.files, "dataset": spec.dataset, "license": "user-provided"}
-    prov["documents_used"] = len(docs)
-    prov["chars_used"] = sum(len(d.text) for d in docs)
+    prov["documents_used"] = got["documents"]
+    prov["chars_used"] = got["chars"]
+    if got["replaced_bytes"]:
+        prov["replaced_bytes"] = got["replaced_bytes"]
     return prov
 
 
 def tokenizer(run) -> None:
     """The run's BPE tokenizer (RunData.tokenizer trains it, and writes the marker, unless the recipe gives a seed
-    model, whose tokenizer it uses)."""
+    model, whose tokenizer it uses), then the token shards of every split (bts.data.shards)."""
     run.tokenizer()
+    run.shards()
 
 
 @stage("seed")

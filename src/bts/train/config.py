@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -22,4 +22,5 @@ class TrainConfig:
     dtype: str = "auto"
     log_every: int = 10
     ckpt_every: int = 50
+    report_to: list = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, wandb (tracking.py)
     compile: bool = False  # torch.compile the model for this phase: faster steps after a one-off compile

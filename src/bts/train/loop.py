@@ -21,6 +21,7 @@ full tensors, so a run resumes on any number of processes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from bts.train import distributed
+from bts.train import distributed, tracking
 from bts.atomic import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from bts import faults
 from bts.errors import BTSError
@@ -181,6 +182,7 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
         mode = "ddp"
     out_dir = Path(out_dir)
     main = distributed.is_main()
+    tracker = tracking.start(getattr(cfg, "report_to", []) if main else [], out_dir, desc, dataclasses.asdict(cfg))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "ckpt"
@@ -267,6 +269,7 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
                 if main:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+                    tracker.log(record)
                 if main and not interactive:
                     eta = (now - t0) / max(done - start, 1) * (cfg.steps - done)
                     print(f"[{desc}] step {done}/{cfg.steps} loss {step_loss:.4f} lr {lr:.2e} "
@@ -278,6 +281,7 @@ def train(model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], batc
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
+        tracker.close()
     faults.point(f"{desc}:{cfg.steps}")
     if work is not model:
         _copy_back(trainable, caller_trainable)
