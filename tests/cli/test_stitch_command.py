@@ -117,7 +117,7 @@ def test_data_hf_reads_a_cached_dataset(members, tmp_path, monkeypatch):
     texts = [json.loads(x)["text"] for x in (FIXTURES / "prose" / "documents.jsonl").read_text().splitlines()[:20]]
     asked = []
 
-    def load_dataset(name, config=None, split=None):
+    def load_dataset(name, config=None, split=None, streaming=False):
         asked.append((name, config, split))
         return datasets.Dataset.from_dict({"body": texts})
 
