@@ -29,7 +29,7 @@ from bts.errors import BTSError
 from bts.eval.heldout import heldout_loss
 from bts.pipeline.loaders import count_params, load_bts, load_hf, quiet_libraries
 from bts.pipeline.rundir import WRITE_ERRNOS, log, marker_name
-from bts.train import distributed
+from bts.train import distributed, lora
 from bts.train.loop import train
 
 
@@ -62,7 +62,7 @@ def budget(run, phase: str) -> dict | None:
     if phase == "seed":
         data, cfg = "all domains equally", r.seed_model.train
     elif phase.startswith("expert:"):
-        data, cfg = phase.split(":", 1)[1], r.experts.train
+        data, cfg = phase.split(":", 1)[1], r.experts.train_config()
     elif phase == "stitch":
         data, cfg = run.stitch_mix(), r.stitch.train
     else:
@@ -152,21 +152,30 @@ def _needs_seed(run, domain: str) -> None:
 def expert(run, info, domain: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    cfg = run.recipe.experts.train
+    ex, cfg = run.recipe.experts, run.recipe.experts.train_config()
     model = AutoModelForCausalLM.from_pretrained(run.path("models", "seed"), dtype=torch.float32)
-    if not run.recipe.experts.train_embeddings:
-        model.get_input_embeddings().requires_grad_(False)
-        model.get_output_embeddings().requires_grad_(False)
-    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
     salt = 100 + run.domains.index(domain)
+    if ex.lora.r:  # adapters on the seed copy, merged into its weights after training (bts.train.lora)
+        model, trainable = lora.add_adapters(model, r=ex.lora.r, alpha=ex.lora.alpha, targets=ex.lora.targets,
+                                             dropout=ex.lora.dropout, train_embeddings=ex.train_embeddings,
+                                             seed=run.recipe.seed + salt)
+        info["lora_params"] = lora.lora_params(trainable)
+    else:
+        if not ex.train_embeddings:
+            model.get_input_embeddings().requires_grad_(False)
+            model.get_output_embeddings().requires_grad_(False)
+        trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
     result = train(model, trainable, run.batcher({domain: 1.0}, cfg, salt), cfg,
                    run.path("train", f"expert-{domain}"), desc=f"expert:{domain}", seed=run.recipe.seed)
+    if ex.lora.r:
+        model = lora.merge_adapters(model)
     out = run.path("models", f"expert-{domain}")
     if distributed.is_main():
         model.save_pretrained(out)
         run.tokenizer().save_pretrained(out)
     info.update(tokens=result.tokens, train_wall_s=result.wall_s, final_loss=result.final_loss,
-                params=count_params(model), budget=budget(run, f"expert:{domain}"))
+                params=count_params(model), trained_params=sum(p.numel() for p in trainable.values()),
+                budget=budget(run, f"expert:{domain}"))
 
 
 @stage("stitch")
@@ -387,6 +396,7 @@ def run_stages(run, only: list[str] | None = None) -> dict | None:
     unknown = wanted - set(STAGES) - {f"expert:{d}" for d in run.recipe.expert_domains}
     if unknown:
         raise BTSError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)} and expert:<domain>.")
+    _check_lora_targets(run)
     try:
         distributed.init()  # joins the torchrun process group when launched by torchrun
         # Expert-only jobs run side by side on one run directory (`bts run --print-expert-commands`): each
@@ -411,6 +421,23 @@ def run_stages(run, only: list[str] | None = None) -> dict | None:
         raise run.dir.write_error(exc) from None
     results = run.path("results.json")
     return json.loads(results.read_text()) if results.exists() else None
+
+
+def _check_lora_targets(run) -> None:
+    """A given seed's LoRA targets, checked on its config (built on the meta device) before anything is written;
+    a scratch seed's were checked when the recipe loaded."""
+    r = run.recipe
+    if r.experts.lora.r and r.seed_model.path:
+        from transformers import AutoConfig
+
+        from bts.core.members import resolve_dir
+
+        where = resolve_dir(r.seed_model.path, "seed_model.path")
+        try:
+            config = AutoConfig.from_pretrained(where)
+        except (OSError, ValueError):
+            raise BTSError(f"seed_model.path '{r.seed_model.path}' has no readable model config.json.") from None
+        lora.check_targets(config, r.experts.lora.targets)
 
 
 def _read_cached(path) -> dict | None:
