@@ -15,8 +15,7 @@ from bts import BTSError
 from bts.cli.child import run_cli
 from bts.pipeline.recipe import load_recipe
 
-LORA = ["experts.lora.r=4", "experts.lora.alpha=8", "experts.train_embeddings=false",
-        "baselines.methods=[soup]", "stitch.train.steps=2"]
+LORA = ["experts.lora.r=4", "experts.lora.alpha=8", "baselines.methods=[soup]", "stitch.train.steps=2"]
 
 
 def bts(run: Path, log: Path, *extra, fault=None):
@@ -49,13 +48,30 @@ def test_lora_run_completes_with_plain_merged_experts(reference):
         assert expert.keys() == seed.keys()  # no adapter tensors: an ordinary checkpoint of the seed's shape
         marker = json.loads((reference / f"stages/expert-{d}.json").read_text())
         assert marker["trained_params"] == marker["lora_params"] < marker["params"] / 4
-        # train_embeddings=false under LoRA: embeddings and head are the seed's, bit for bit; the blocks moved
+        assert results["methods"][f"expert:{d}"]["trainable_params"] == marker["trained_params"]  # the report's
+        # by default LoRA leaves the embeddings and head as the seed's, bit for bit (experts.train_embeddings, on by
+        # default, is for full training); the blocks moved
         for k in ("model.embed_tokens.weight", "lm_head.weight"):
             assert torch.equal(expert[k], seed[k]), k
         assert not torch.equal(expert["model.layers.0.self_attn.q_proj.weight"],
                                seed["model.layers.0.self_attn.q_proj.weight"])
         # the adapter lr: LR_SCALE × experts.train.lr unless experts.lora.lr is given
         assert marker["budget"]["lr"] == pytest.approx(10 * load_recipe("smoke").experts.train.lr)
+
+
+def test_lora_train_embeddings_trains_embeddings_and_head_in_full(tmp_path):
+    from safetensors.torch import load_file
+
+    from bts.pipeline.run import Run
+
+    recipe = load_recipe("smoke", [*TINY, *LORA, "experts.lora.train_embeddings=true", "experts.domains=[code]"])
+    Run(recipe, tmp_path / "run").all(["data", "tokenizer", "seed", "experts"])
+    seed = load_file(tmp_path / "run/models/seed/model.safetensors")
+    expert = load_file(tmp_path / "run/models/expert-code/model.safetensors")
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert not torch.equal(expert[k], seed[k]), k
+    marker = json.loads((tmp_path / "run/stages/expert-code.json").read_text())
+    assert marker["trained_params"] == marker["lora_params"] + seed["model.embed_tokens.weight"].numel() * 2
 
 
 def test_kill_mid_lora_expert_then_rerun_equals_uninterrupted(reference, tmp_path):

@@ -75,6 +75,9 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module names, as peft matches them
     lr: float = 0.0  # peak lr of a LoRA expert; 0: LR_SCALE × experts.train.lr (measured: docs/lora.md)
+    # True: the embeddings and LM head also train, in full, at the LoRA lr (experts.train_embeddings is for full
+    # training only). Off by default: measured, it specialises more but forgets far more (docs/lora.md).
+    train_embeddings: bool = False
 
 
 @dataclass
@@ -82,6 +85,7 @@ class ExpertsConfig:
     domains: list = field(default_factory=list)  # empty: one expert per data domain
     # False: continue pretraining the transformer blocks only, keeping the seed's embeddings and LM head. BTS never
     # uses an expert's head, so what an expert learns there is lost to the stitched model (docs/ablations.md).
+    # Full training only: LoRA experts have their own switch, experts.lora.train_embeddings.
     train_embeddings: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

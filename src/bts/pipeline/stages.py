@@ -157,7 +157,7 @@ def expert(run, info, domain: str) -> None:
     salt = 100 + run.domains.index(domain)
     if ex.lora.r:  # adapters on the seed copy, merged into its weights after training (bts.train.lora)
         model, trainable = lora.add_adapters(model, r=ex.lora.r, alpha=ex.lora.alpha, targets=ex.lora.targets,
-                                             dropout=ex.lora.dropout, train_embeddings=ex.train_embeddings,
+                                             dropout=ex.lora.dropout, train_embeddings=ex.lora.train_embeddings,
                                              seed=run.recipe.seed + salt)
         info["lora_params"] = lora.lora_params(trainable)
     else:
@@ -218,7 +218,7 @@ def methods(run) -> dict:
 
     found = {"seed": (lambda: load_hf(run.path("models", "seed")), run.done("seed") or {})}
     for d in run.recipe.expert_domains:
-        found[f"expert:{d}"] = (lambda d=d: load_hf(run.path("models", f"expert-{d}")), run.done(f"expert:{d}") or {})
+        found[f"expert:{d}"] = (functools.partial(_load_expert, run, d), run.done(f"expert:{d}") or {})
     if run.done("stitch"):
         found["bts"] = (lambda: load_bts(run.path("models", "bts")), run.done("stitch") or {})
     for method in run.recipe.baselines.methods:
@@ -226,6 +226,14 @@ def methods(run) -> dict:
         if info is not None:
             found[method] = (functools.partial(REGISTRY[method].load, run.path("models", method), info), info)
     return found
+
+
+def _load_expert(run, domain: str):
+    """An expert and its accounting: what its stage trained (LoRA adapters, or the blocks only without
+    embeddings), when the marker says."""
+    model, accounting = load_hf(run.path("models", f"expert-{domain}"))
+    trained = (run.done(f"expert:{domain}") or {}).get("trained_params")
+    return model, {**accounting, "trainable_params": trained} if trained is not None else accounting
 
 
 @stage("evaluate")
