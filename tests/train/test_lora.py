@@ -3,7 +3,7 @@ checkpoint, B = 0 merges to the seed exactly, a target the model lacks is refuse
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_config, tiny_model
+from helpers import FAMILIES, VOCAB, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from bts import BTSError
@@ -59,9 +59,10 @@ def test_untrained_adapters_merge_to_the_seed_exactly(tmp_path):
         assert torch.equal(merged.state_dict()[k], v), k
 
 
-def test_merged_checkpoint_is_a_plain_model_with_the_adapted_logits(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: tied embeddings, biased q/k/v
+def test_merged_checkpoint_is_a_plain_model_with_the_adapted_logits(tmp_path, arch):
     """In float64 the merge W + (alpha/r)·B·A is exact up to rounding: the tolerance is a few ulps of the logits."""
-    model = tiny_model("llama").double()
+    model = tiny_model(arch).double()
     wrapped, trainable = lora.add_adapters(model, r=4, alpha=8.0, targets=lora.DEFAULT_TARGETS, seed=1)
     assert all(p.dtype == torch.float64 for p in trainable.values())
     train(wrapped, trainable, batcher(), cfg(), tmp_path / "t")
@@ -71,12 +72,17 @@ def test_merged_checkpoint_is_a_plain_model_with_the_adapted_logits(tmp_path):
         merged = lora.merge_adapters(wrapped)
         merged.save_pretrained(tmp_path / "expert")
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "expert", dtype=torch.float64)(input_ids=ids).logits
-    seed_logits = tiny_model("llama").double()(input_ids=ids).logits
+    seed_logits = tiny_model(arch).double()(input_ids=ids).logits
     assert (want - seed_logits).abs().max() > 1e-3  # the adapters did change the model
     tol = 1e3 * torch.finfo(torch.float64).eps * want.abs().max()
     assert (got - want).abs().max() <= tol
     names = {p.name for p in (tmp_path / "expert").iterdir()}
     assert not any("adapter" in n for n in names)  # an ordinary checkpoint, not a peft adapter folder
+
+
+@pytest.mark.parametrize("arch", [f for f in FAMILIES if f != "phi3"])
+def test_the_default_targets_fit_every_family_but_phi3(arch):
+    lora.check_targets(tiny_config(arch), lora.DEFAULT_TARGETS)
 
 
 @pytest.mark.parametrize("source", ["model", "config"])
