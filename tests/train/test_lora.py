@@ -92,7 +92,10 @@ def test_a_target_the_model_lacks_is_refused_in_one_sentence(source):
         lora.check_targets(target, ["o_proj", "q_proj"])
     msg = str(err.value)
     assert "'q_proj'" in msg and "qkv_proj" in msg and "experts.lora.targets" in msg and msg.count(". ") == 0
-    lora.check_targets(target, ["qkv_proj", "o_proj", "gate_up_proj"])  # its own names pass
+    lora.check_targets(target, ["qkv_proj", "o_proj", "gate_up_proj"])  # its own names pass, and dotted ones
+    lora.check_targets(target, ["self_attn.qkv_proj", "mlp.down_proj"])
+    with pytest.raises(BTSError, match="'mlp.qkv_proj'"):
+        lora.check_targets(target, ["mlp.qkv_proj"])
 
 
 def test_adapter_init_is_a_function_of_the_seed_and_leaves_the_global_generator_alone():

@@ -40,9 +40,10 @@ def check_targets(model_or_config, targets: list[str], where: str = "experts.lor
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_or_config)
+    names = [name for name, m in model.named_modules() if name and isinstance(m, _ADAPTABLE)]
     have = adaptable_names(model)
-    for t in targets:
-        if t not in have:
+    for t in targets:  # peft's rule: a module matches when its name is the target or ends with "." + target
+        if not any(name == t or name.endswith("." + t) for name in names):
             raise BTSError(f"{where} names '{t}', which this {type(model).__name__} does not have "
                            f"(its linear and embedding modules: {', '.join(have)}).")
 
