@@ -25,6 +25,7 @@ from bts.core.device import TRAIN_DTYPES, check_device_spec, check_members_dtype
 from bts.core.stitch import check_stitch_options
 from bts.errors import BTSError
 from bts.train.config import TrainConfig
+from bts.train.lora import DEFAULT_TARGETS, LR_SCALE, check_targets
 
 
 @dataclass
@@ -71,14 +72,36 @@ class SeedConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA continued pretraining for experts (bts.train.lora, docs/lora.md): r = 0 is off (full training)."""
+
+    r: int = 0  # adapter rank; 0: train the experts' weights in full
+    alpha: float = 16.0  # adapters add (alpha / r) · B A to each target's weight
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module names, as peft matches them
+    lr: float = 0.0  # peak lr of a LoRA expert; 0: LR_SCALE × experts.train.lr (measured: docs/lora.md)
+    # True: the embeddings and LM head also train, in full, at the LoRA lr (experts.train_embeddings is for full
+    # training only). Off by default: measured, it specialises more but forgets far more (docs/lora.md).
+    train_embeddings: bool = False
+
+
+@dataclass
 class ExpertsConfig:
     domains: list = field(default_factory=list)  # empty: one expert per data domain
     # domain -> a model folder or cached hub id: that expert is used as it is (referenced, not copied), not trained
     paths: dict = field(default_factory=dict)
     # False: continue pretraining the transformer blocks only, keeping the seed's embeddings and LM head. BTS never
     # uses an expert's head, so what an expert learns there is lost to the stitched model (docs/ablations.md).
+    # Full training only: LoRA experts have their own switch, experts.lora.train_embeddings.
     train_embeddings: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def train_config(self) -> TrainConfig:
+        """The experts' training settings, with the LoRA learning rate when LoRA is on."""
+        if not self.lora.r:
+            return self.train
+        return dataclasses.replace(self.train, lr=self.lora.lr or LR_SCALE * self.train.lr)
 
 
 @dataclass
@@ -222,6 +245,7 @@ def _check(recipe: Recipe) -> None:
         _check_train(t, where)
     _known_once(recipe.experts.domains, recipe.data.domains, "experts.domains", "in data.domains")
     _check_expert_paths(recipe)
+    _check_lora(recipe)
     _check_stitch(recipe)
     b = recipe.baselines
     _known_once(b.methods, REGISTRY, "baselines.methods", "a baseline")
@@ -277,6 +301,28 @@ def _check_train(t: TrainConfig, where: str) -> None:
     from bts.train.tracking import check
 
     check(t.report_to, f"{where}.report_to")
+
+
+def _check_lora(recipe: Recipe) -> None:
+    lo = recipe.experts.lora
+    if lo.r < 0:
+        raise BTSError(f"experts.lora.r must be ≥ 0 (0 = off: full training) (got {lo.r}).")
+    if not 0 < lo.alpha < float("inf"):  # also refuses nan
+        raise BTSError(f"experts.lora.alpha must be positive (got {lo.alpha}).")
+    if not 0 <= lo.dropout < 1:
+        raise BTSError(f"experts.lora.dropout must be in [0, 1) (got {lo.dropout}).")
+    if not 0 <= lo.lr < float("inf"):
+        raise BTSError(f"experts.lora.lr must be ≥ 0 (0 = {LR_SCALE:g} × experts.train.lr) (got {lo.lr}).")
+    if not lo.targets or any(not isinstance(t, str) or not t for t in lo.targets):
+        raise BTSError(f"experts.lora.targets must list module names such as q_proj (got {lo.targets!r}).")
+    _known_once(lo.targets, lo.targets, "experts.lora.targets", "")
+    if lo.r and not recipe.seed_model.path:  # the seed's architecture is known now (a Llama of the recipe's shape)
+        from transformers import LlamaConfig
+
+        s = recipe.seed_model
+        check_targets(LlamaConfig(vocab_size=8, hidden_size=s.hidden_size, num_hidden_layers=1,
+                                  num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
+                                  intermediate_size=s.intermediate_size, tie_word_embeddings=False), lo.targets)
 
 
 def _check_data(data: DataConfig) -> None:

@@ -29,7 +29,7 @@ from bts.errors import BTSError
 from bts.eval.heldout import heldout_loss
 from bts.pipeline.loaders import count_params, load_bts, load_hf, quiet_libraries
 from bts.pipeline.rundir import WRITE_ERRNOS, log, marker_name
-from bts.train import distributed
+from bts.train import distributed, lora
 from bts.train.loop import train
 
 
@@ -65,7 +65,7 @@ def budget(run, phase: str) -> dict | None:
     if phase == "seed":
         data, cfg = "all domains equally", r.seed_model.train
     elif phase.startswith("expert:"):
-        data, cfg = phase.split(":", 1)[1], r.experts.train
+        data, cfg = phase.split(":", 1)[1], r.experts.train_config()
     elif phase == "stitch":
         data, cfg = run.stitch_mix(), r.stitch.train
     else:
@@ -161,26 +161,35 @@ def expert(run, info, domain: str) -> None:
 
         info.update(reference(run.recipe.experts.paths[domain], f"experts.paths.{domain}"))
         return
-    cfg = run.recipe.experts.train
     from bts.core.device import load_kwargs
 
-    # Every weight trains: fp32 master weights, read straight onto the run's device.
+    ex, cfg = run.recipe.experts, run.recipe.experts.train_config()
+    # Every weight trains (or LoRA adapters on them): fp32 master weights, read straight onto the run's device.
     model = AutoModelForCausalLM.from_pretrained(run.model_dir("seed"), dtype=torch.float32,
                                                  **load_kwargs(run.device))
-    if not run.recipe.experts.train_embeddings:
-        model.get_input_embeddings().requires_grad_(False)
-        model.get_output_embeddings().requires_grad_(False)
-    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
     salt = 100 + run.domains.index(domain)
+    if ex.lora.r:  # adapters on the seed copy, merged into its weights after training (bts.train.lora)
+        model, trainable = lora.add_adapters(model, r=ex.lora.r, alpha=ex.lora.alpha, targets=ex.lora.targets,
+                                             dropout=ex.lora.dropout, train_embeddings=ex.lora.train_embeddings,
+                                             seed=run.recipe.seed + salt)
+        info["lora_params"] = lora.lora_params(trainable)
+    else:
+        if not ex.train_embeddings:
+            model.get_input_embeddings().requires_grad_(False)
+            model.get_output_embeddings().requires_grad_(False)
+        trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
     result = train(model, trainable, run.batcher({domain: 1.0}, cfg, salt), cfg,
                    run.path("train", f"expert-{domain}"), desc=f"expert:{domain}", seed=run.recipe.seed,
                    device=run.device)
+    if ex.lora.r:
+        model = lora.merge_adapters(model)
     out = run.model_dir(f"expert-{domain}")
     if distributed.is_main():
         model.save_pretrained(out)
         run.tokenizer().save_pretrained(out)
     info.update(tokens=result.tokens, train_wall_s=result.wall_s, final_loss=result.final_loss,
-                params=count_params(model), budget=budget(run, f"expert:{domain}"))
+                params=count_params(model), trained_params=sum(p.numel() for p in trainable.values()),
+                budget=budget(run, f"expert:{domain}"))
 
 
 @stage("stitch")
@@ -224,8 +233,7 @@ def methods(run) -> dict:
     on = {"device": run.device, "dtype": run.members_dtype}  # every evaluated model: on the run's device
     found = {"seed": (lambda: load_hf(run.model_dir("seed"), **on), run.done("seed") or {})}
     for d in run.recipe.expert_domains:
-        found[f"expert:{d}"] = (lambda d=d: load_hf(run.model_dir(f"expert-{d}"), **on),
-                                run.done(f"expert:{d}") or {})
+        found[f"expert:{d}"] = (functools.partial(_load_expert, run, d, on), run.done(f"expert:{d}") or {})
     if run.done("stitch"):
         found["bts"] = (lambda: load_bts(run.model_dir("bts"), **on), run.done("stitch") or {})
     for method in run.recipe.baselines.methods:
@@ -233,6 +241,14 @@ def methods(run) -> dict:
         if info is not None:
             found[method] = (functools.partial(REGISTRY[method].load, run.model_dir(method), info, **on), info)
     return found
+
+
+def _load_expert(run, domain: str, on: dict):
+    """An expert and its accounting: what its stage trained (LoRA adapters, or the blocks only without
+    embeddings), when the marker says."""
+    model, accounting = load_hf(run.model_dir(f"expert-{domain}"), **on)
+    trained = (run.done(f"expert:{domain}") or {}).get("trained_params")
+    return model, {**accounting, "trainable_params": trained} if trained is not None else accounting
 
 
 @stage("evaluate")
@@ -408,6 +424,7 @@ def run_stages(run, only: list[str] | None = None) -> dict | None:
     if wanted - {"report"}:  # the report reads files only: it needs no member
         check_recipe_members(run.recipe)  # given seed and experts: cheap checks before anything is written
     device = run.device  # a missing GPU is refused here, before anything is written
+    _check_lora_targets(run)
     try:
         distributed.init(device=device)  # joins the torchrun process group (nccl on GPUs, gloo on the CPU)
         # Expert-only jobs run side by side on one run directory (`bts run --print-expert-commands`): each
@@ -432,6 +449,23 @@ def run_stages(run, only: list[str] | None = None) -> dict | None:
         raise run.dir.write_error(exc) from None
     results = run.path("results.json")
     return json.loads(results.read_text()) if results.exists() else None
+
+
+def _check_lora_targets(run) -> None:
+    """A given seed's LoRA targets, checked on its config (built on the meta device) before anything is written;
+    a scratch seed's were checked when the recipe loaded."""
+    r = run.recipe
+    if r.experts.lora.r and r.seed_model.path:
+        from transformers import AutoConfig
+
+        from bts.core.members import resolve_dir
+
+        where = resolve_dir(r.seed_model.path, "seed_model.path")
+        try:
+            config = AutoConfig.from_pretrained(where)
+        except (OSError, ValueError):
+            raise BTSError(f"seed_model.path '{r.seed_model.path}' has no readable model config.json.") from None
+        lora.check_targets(config, r.experts.lora.targets)
 
 
 def _read_cached(path) -> dict | None:
