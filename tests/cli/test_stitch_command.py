@@ -56,7 +56,10 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(members, unint
     assert run_cli(argv(members, out), tmp_path / "1.txt", fault="stitch:3") == -9
     assert not (out / "stitch.safetensors").exists()  # killed mid-training: checkpoints only
     assert sorted(p.name for p in (out / "training" / "ckpt").iterdir()) == ["step-0000002"]
+    shard = out / "training" / "text.tokens" / "tokens.bin"
+    written = (shard.stat().st_ino, shard.stat().st_mtime_ns)
     assert run_cli(argv(members, out), tmp_path / "2.txt") == 0, (tmp_path / "2.txt").read_text()
+    assert (shard.stat().st_ino, shard.stat().st_mtime_ns) == written  # the shard was reused, not tokenized again
     assert "step 3/6" in (tmp_path / "2.txt").read_text() and "step 2/6" not in (tmp_path / "2.txt").read_text()
     a, b = load_file(whole / "stitch.safetensors"), load_file(out / "stitch.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -69,6 +72,65 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(members, unint
     init = BTSForCausalLM.from_members(str(members / "hub"), [str(members / "code"), str(members / "math")],
                                        num_stitches=2).stitches.state_dict()
     assert init.keys() == a.keys() and not all(torch.equal(a[k], init[k]) for k in a)
+
+
+def test_a_kill_while_tokenizing_leaves_nothing_read_and_the_rerun_writes_the_same_shard(members, uninterrupted,
+                                                                                        tmp_path):
+    whole, _ = uninterrupted
+    out = tmp_path / "out"
+    assert run_cli(argv(members, out), tmp_path / "1.txt", fault="shard:stitch:0") == -9
+    assert not (out / "training" / "text.tokens").exists() and list((out / "training").glob(".text.tokens.tmp-*"))
+    assert run_cli(argv(members, out), tmp_path / "2.txt") == 0, (tmp_path / "2.txt").read_text()
+    assert not list((out / "training").glob(".text.tokens.tmp-*"))  # the killed run's half shard is gone
+    assert tree_digest(out / "training" / "text.tokens") == tree_digest(whole / "training" / "text.tokens")
+    a, b = load_file(whole / "stitch.safetensors"), load_file(out / "stitch.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_text_is_refused_on_resume_unless_forced(members, tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text((FIXTURES / "code" / "documents.jsonl").read_text())
+    out = tmp_path / "out"
+    args = argv(members, out)
+    args[args.index(DATA[0])] = str(mine)
+    assert run_cli(args, tmp_path / "1.txt", fault="stitch:3") == -9
+    job = json.loads((out / "training" / "job.json").read_text())
+    assert [[f[:2] for f in s["files"]] for s in job["sources"]] == [[[str(mine), mine.stat().st_size], *(
+        [str(f), f.stat().st_size] for f in sorted((FIXTURES / "math").glob("*.jsonl")))]]  # path, size, mtime_ns
+    with open(mine, "a") as f:
+        f.write(json.dumps({"text": "def more():\n    return 1\n"}) + "\n")
+    before = tree_digest(out)
+    log = tmp_path / "2.txt"
+    assert run_cli(args, log) == 2
+    assert log.read_text().strip() == (f"bts: error: the text of --data / --data-hf has changed since the run in "
+                                       f"--out '{out}' began; use a new --out or pass --force to start over.")
+    assert tree_digest(out) == before
+    assert run_cli([*args, "--force"], log) == 0, log.read_text()
+    metrics = [json.loads(x)["step"] for x in (out / "training" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, STEPS + 1))  # started over: the new text was tokenized, training from step 0
+    assert json.loads((out / "training" / "job.json").read_text())["tokens"] > job["tokens"]
+
+
+def test_max_chars_and_max_tokens_cap_the_shard_as_the_loaders_do(members, tmp_path):
+    """data.max_chars keeps the documents cap_documents keeps (round-robin over all the sources' groups), in order;
+    data.max_tokens keeps the first tokens."""
+    from bts.data.corpora import cap_documents, load_domain
+    from bts.data.shards import Shard
+    from bts.data.streams import tokenize_stream
+    from bts.pipeline.stitch_job import stitch_job
+
+    docs = [d for pattern in DATA for d in load_domain("x", {"source": "files", "files": [pattern], "max_chars": 0})]
+    total = sum(len(d.text) for d in docs)
+    expected = tokenize_stream(tiny_tokenizer(), [d.text for d in cap_documents(docs, total // 3)])
+    for extra, want in ((f"data.max_chars={total // 3}", expected), ("data.max_tokens=700", None)):
+        out = tmp_path / extra.split("=")[0]
+        stitch_job(str(members / "hub"), [str(members / "code")], DATA, steps=1, out=out,
+                   overrides=[*SETTINGS, extra], device="cpu")
+        shard = Shard(out / "training" / "text.tokens")
+        if want is None:
+            assert len(shard) == 700 and json.loads((out / "training" / "job.json").read_text())["tokens"] == 700
+        else:
+            assert 0 < len(want) and torch.equal(shard[0:len(shard)], want)
 
 
 def test_progress_lines_with_eta_reach_a_non_tty(uninterrupted):
@@ -124,7 +186,7 @@ def test_data_hf_reads_a_cached_dataset(members, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     stitch_job(str(members / "hub"), [str(members / "code")], data_hf=["local/books:v2:validation"], steps=2,
                out=tmp_path / "out", overrides=[*SETTINGS, "data.text_field=body"], device="cpu")
-    assert asked == [("local/books", "v2", "validation")]
+    assert set(asked) == {("local/books", "v2", "validation")}  # read, and its cache files fingerprinted
     job = json.loads((tmp_path / "out" / "training" / "job.json").read_text())
     assert job["complete"] and job["tokens"] == len(tokenize_stream(tiny_tokenizer(), texts))
 
@@ -140,6 +202,8 @@ def bad(members):
     (members / "notamodel").mkdir()
     (members / "notamodel" / "notes.txt").write_text("not a model")
     (members / "short.txt").write_text("too short")
+    good = (FIXTURES / "code" / "documents.jsonl").read_text().splitlines()[:2]
+    (members / "bad.jsonl").write_text("\n".join([*good, "{not json", *good]) + "\n")  # found while tokenizing
     return members
 
 
@@ -160,6 +224,8 @@ def swap_expert(members, out, expert):
     ("override", "stitch.general_weight is not a bts stitch option"),
     ("layout", "stitch.num_stitches must be at most the 4 layers of --hub '{m}/hub' (got 9)."),
     ("lr", "train.lr must be positive (got -1.0)."),
+    ("maxtokens", "data.max_tokens must be ≥ 0 (0 = all) (got -1)."),
+    ("badline", "--data: {m}/bad.jsonl line 3 is not valid JSON."),
     ("device", "--device is 'cuda' but torch"),
 ])
 def test_bad_input_is_one_sentence_and_writes_nothing(bad, tmp_path, case, fragment):
@@ -175,6 +241,8 @@ def test_bad_input_is_one_sentence_and_writes_nothing(bad, tmp_path, case, fragm
         "override": lambda: argv(bad, out, "stitch.general_weight=0.5"),
         "layout": lambda: argv(bad, out, "stitch.num_stitches=9"),
         "lr": lambda: argv(bad, out, "train.lr=-1"),
+        "maxtokens": lambda: argv(bad, out, "data.max_tokens=-1"),
+        "badline": lambda: argv(bad, out)[:9] + [str(bad / "bad.jsonl"), "--steps", "2", "--out", str(out)],
         "device": lambda: argv(bad, out, "--device", "cuda"),
     }[case]()
     log = tmp_path / "log.txt"

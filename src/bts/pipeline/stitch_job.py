@@ -6,27 +6,25 @@ that `AutoModelForCausalLM.from_pretrained(out)` loads (the `bts stitch` command
 
 Options are the recipe's own sections, checked as a recipe checks them: `stitch.*` (bts.pipeline.recipe.StitchConfig
 without the datamix keys), `train.*` (TrainConfig), `data.seq_len`, `data.text_field`, `data.group_field`,
-`data.max_chars` (0, the default here: all the text) and `seed`. Everything is checked before `out` is created:
-the members cheaply (configs and tokenizer files, bts.pipeline.given), the data patterns, the options, and `out`
-itself, which must be new, empty, or a run of this same command (`force` starts over instead). The training state
-(job.json, metrics.jsonl, ckpt/) lives in out/training, so running the same command again resumes from the last
-checkpoint and ends bit for bit where an uninterrupted run ends.
+`data.max_chars` (0, the default here: all the text), `data.max_tokens` (0: all) and `seed`. Everything is
+checked before `out` is created: the members cheaply (configs and tokenizer files, bts.pipeline.given), the data
+patterns, the options, and `out` itself, which must be new, empty, or a run of this same command (`force` starts
+over instead). The training state (job.json, metrics.jsonl, ckpt/) and the text's token shard (text.tokens,
+bts.pipeline.stitch_text) live in out/training, so running the same command again resumes from the last checkpoint,
+reuses the shard when the sources' fingerprint in job.json is unchanged, and ends bit for bit where an
+uninterrupted run ends. A bad document found while tokenizing, or too little text, removes what this run created.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from bts.atomic import atomic_write_json
 from bts.baselines.base import positive
@@ -37,20 +35,24 @@ from bts.errors import BTSError
 from bts.pipeline.given import check_layout, check_members
 from bts.pipeline.recipe import DataConfig, DomainSpec, StitchConfig, _apply_override, _build, _check_train
 from bts.pipeline.rundir import _first_difference
+from bts.pipeline.stitch_text import build_text, fingerprint, open_sources, total_bytes
 from bts.train.config import TrainConfig
 
 SCHEMA = "bts.stitch/1"
 STATE = "training"  # out/training: job.json, metrics.jsonl, ckpt/
-DATA_KEYS = {"seq_len": DataConfig, "text_field": DomainSpec, "group_field": DomainSpec, "max_chars": DomainSpec}
+DATA_KEYS = {"seq_len": DataConfig, "text_field": DomainSpec, "group_field": DomainSpec, "max_chars": DomainSpec,
+             "max_tokens": DomainSpec}
+SHARD = "text.tokens"  # out/training/text.tokens: all the text, tokenized once (bts.data.shards)
 MIX_KEYS = ("general_weight", "domain_weights", "train")  # the pipeline's datamix: not options of one text mix
-OPTIONS = "stitch.*, train.*, data.seq_len, data.text_field, data.group_field, data.max_chars or seed"
+OPTIONS = ("stitch.*, train.*, data.seq_len, data.text_field, data.group_field, data.max_chars, data.max_tokens "
+           "or seed")
 
 
 @dataclasses.dataclass
 class JobOptions:
     stitch: StitchConfig
     train: TrainConfig
-    data: dict  # seq_len, text_field, group_field, max_chars
+    data: dict  # seq_len, text_field, group_field, max_chars, max_tokens
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -88,16 +90,20 @@ def parse_options(steps: int, overrides=()) -> JobOptions:
             raise BTSError(f"data.{key} is not a bts stitch option ({OPTIONS}).")
     seq_len = _build(DataConfig, {k: v for k, v in data.items() if k == "seq_len"}, "data").seq_len
     positive(seq_len, "data.seq_len")
-    spec = _build(DomainSpec, {"max_chars": 0, **{k: v for k, v in data.items() if k != "seq_len"}}, "data")
+    spec = _build(DomainSpec, {"max_chars": 0, "max_tokens": 0, **{k: v for k, v in data.items() if k != "seq_len"}},
+                  "data")
     if not spec.text_field:
         raise BTSError("data.text_field must name the text column (got '').")
     if spec.max_chars < 0:
         raise BTSError(f"data.max_chars must be ≥ 0 (0 = all) (got {spec.max_chars}).")
+    if spec.max_tokens < 0:
+        raise BTSError(f"data.max_tokens must be ≥ 0 (0 = all) (got {spec.max_tokens}).")
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise BTSError(f"seed must be an integer (got {seed!r}).")
     return JobOptions(stitch, train, {"seq_len": seq_len, "text_field": spec.text_field,
-                                      "group_field": spec.group_field, "max_chars": spec.max_chars}, seed)
+                                      "group_field": spec.group_field, "max_chars": spec.max_chars,
+                                      "max_tokens": spec.max_tokens}, seed)
 
 
 # ---- the job ------------------------------------------------------------------------------------------------
@@ -124,14 +130,13 @@ def stitch_job(hub: str, experts: list[str], data=(), data_hf=(), *, steps: int,
     record = {"schema": SCHEMA, "hub": hub, "experts": list(experts), "names": names, "data": list(data),
               "data_hf": list(data_hf), "options": opts.to_dict()}
     previous = _previous_job(out, record, force)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolve_dir(hub, "--hub"))
-    stream = _token_stream(tok, sources, opts.data["seq_len"], opts.data["max_chars"])
-    digest = hashlib.sha256(stream.numpy().tobytes()).hexdigest()
-    if previous and previous.get("tokens_sha256") not in (None, digest):
-        raise BTSError(f"the text of --data / --data-hf has changed since the run in --out '{out}' began; use a "
-                       "new --out or pass --force to start over.")
+    readers = open_sources(sources)  # refuses what the loaders can see before reading: nothing is written yet
+    prints = fingerprint(sources)
+    if previous and previous.get("sources") != prints:
+        if not force:
+            raise BTSError(f"the text of --data / --data-hf has changed since the run in --out '{out}' began; use "
+                           "a new --out or pass --force to start over.")
+        previous = None  # start over: the old shard and checkpoints go
     if previous and previous.get("complete") and (out / "stitch.safetensors").is_file():
         print(f"bts: {out} is already a finished run of this command (final loss {previous['final_loss']:.4f})",
               file=sys.stderr)
@@ -142,16 +147,29 @@ def stitch_job(hub: str, experts: list[str], data=(), data_hf=(), *, steps: int,
         all_e2h=s.all_e2h, init=s.init, beta=s.beta, gate_dropout=s.gate_dropout, expert_stream=s.expert_stream,
         dtype=dtype, device=dev)  # read straight onto the device, never a full fp32 CPU copy first
     model.set_execution(checkpoint_members=s.checkpoint_members)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_dir(hub, "--hub"))
     # ---- every check passed: from here on `out` is written ----
+    made_out = not out.exists()
     if force and previous is None and (out / STATE).exists():
         shutil.rmtree(out / STATE)  # another command's training state must not be resumed into this one
-    atomic_write_json(out / STATE / "job.json", {"command": record, "tokens_sha256": digest, "tokens": len(stream),
-                                                 "complete": False})
-    return _train_and_save(model, tok, stream, opts, out, dev, record, digest, resuming=previous is not None)
+    job = {"command": record, "sources": prints, "complete": False}
+    atomic_write_json(out / STATE / "job.json", job)  # first: a kill while tokenizing leaves a run to resume
+    try:
+        shard = build_text(out / STATE / SHARD, sources, readers, tok, seq_len=opts.data["seq_len"],
+                           max_chars=opts.data["max_chars"], max_tokens=opts.data["max_tokens"],
+                           total_chars=total_bytes(prints))
+    except BTSError:  # bad text found while reading it: leave nothing of this run behind
+        if previous is None:
+            shutil.rmtree(out if made_out else out / STATE, ignore_errors=True)
+        raise
+    job["tokens"] = len(shard)
+    atomic_write_json(out / STATE / "job.json", job)
+    return _train_and_save(model, tok, shard, opts, out, dev, job, resuming=previous is not None)
 
 
-def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, record: dict, digest: str,
-                    resuming: bool):
+def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, job: dict, resuming: bool):
     from bts.data.streams import Batcher
     from bts.train.loop import train
 
@@ -169,8 +187,7 @@ def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, record
                    desc="stitch", seed=opts.seed, device=dev)
     tok.save_pretrained(out)
     model.save_pretrained(out)
-    atomic_write_json(out / STATE / "job.json", {"command": record, "tokens_sha256": digest, "tokens": len(stream),
-                                                 "complete": True, "final_loss": result.final_loss,
+    atomic_write_json(out / STATE / "job.json", {**job, "complete": True, "final_loss": result.final_loss,
                                                  "trained_tokens": result.tokens})
     print(f"bts: saved {out} (final loss {result.final_loss:.4f}, {time.perf_counter() - t0:.0f}s); load it with "
           f"import bts; AutoModelForCausalLM.from_pretrained('{out}')", file=sys.stderr, flush=True)
@@ -196,28 +213,6 @@ def _sources(data, data_hf, d: dict) -> list[tuple[str, dict]]:
         specs.append(("--data-hf", {"source": "hf", "dataset": name, "config": config,
                                              "split": split or "train", **fields}))
     return specs
-
-
-def _token_stream(tok, sources, seq_len: int, max_chars: int) -> torch.Tensor:
-    """All the text as one token stream (documents joined by EOS), in the order given; data.max_chars caps it."""
-    from bts.data.corpora import cap_documents, load_domain
-    from bts.data.streams import tokenize_stream
-
-    docs = []
-    for flag, spec in sources:
-        try:
-            docs.extend(load_domain("stitch", spec))
-        except BTSError as exc:  # the loaders name recipe keys: say the flag and option this command takes
-            text = re.sub(r"data\.domains\.stitch\.(files|dataset)", flag, str(exc))
-            raise BTSError(text.replace("data.domains.stitch.", "data.").replace("data.domains.stitch", flag)) \
-                from None
-    if max_chars:  # round-robin across groups (bts.data.corpora), so one big file does not crowd out the rest
-        docs = cap_documents(docs, max_chars)
-    stream = tokenize_stream(tok, [d.text for d in docs])
-    if len(stream) <= seq_len + 1:
-        raise BTSError(f"the text of --data / --data-hf is {len(stream)} tokens, fewer than one sequence of "
-                       f"data.seq_len={seq_len}.")
-    return stream
 
 
 def _previous_job(out: Path, record: dict, force: bool) -> dict | None:

@@ -25,7 +25,8 @@ def add_arguments(p):
     p.add_argument("--force", action="store_true", help="write into a non-empty --out, starting training over")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="stitch.* (num_stitches, positions, init, …), train.* (lr, batch_size, grad_accum, warmup, "
-                        "log_every, ckpt_every, dtype, …), data.seq_len, data.text_field, data.max_chars, seed")
+                        "log_every, ckpt_every, dtype, …), data.seq_len, data.text_field, data.max_chars, "
+                        "data.max_tokens, seed")
 
 
 def run(args):
