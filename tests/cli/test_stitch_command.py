@@ -2,6 +2,7 @@
 loads; the same command resumes after a kill, bit for bit; every bad input is one sentence, exit 2, nothing written."""
 
 import hashlib
+import shutil
 import json
 from pathlib import Path
 
@@ -293,3 +294,63 @@ def test_a_gpu_reported_present_is_used_not_skipped(members, tmp_path, monkeypat
     with pytest.raises((AssertionError, RuntimeError, BTSError), match="(?i)not compiled with cuda"):
         stitch_job(str(members / "hub"), [str(members / "code")], DATA, steps=2, out=out, overrides=SETTINGS)
     assert not out.exists()
+
+
+def test_the_same_command_typed_another_way_resumes_the_same_run(members, uninterrupted, tmp_path, monkeypatch):
+    """A trailing slash, a relative path, the files a glob expands to, another checkpoint or log interval: the same
+    run (it resumes, or is already finished), not 'another command'."""
+    import glob
+
+    whole, _ = uninterrupted
+    out = tmp_path / "out"
+    assert run_cli(argv(members, out), tmp_path / "1.txt", fault="stitch:3") == -9
+    expanded = [DATA[0], *sorted(glob.glob(DATA[1]))]
+    monkeypatch.chdir(members)
+    again = ["stitch", "--hub", "hub/", "--experts", "./code", str(members / "math") + "/", "--data", *expanded,
+             "--steps", str(STEPS), "--out", str(out), *[s for s in SETTINGS if "every" not in s],
+             "train.log_every=3", "train.ckpt_every=5"]
+    assert run_cli(again, tmp_path / "2.txt") == 0, (tmp_path / "2.txt").read_text()
+    assert "resuming from the last checkpoint" in (tmp_path / "2.txt").read_text()
+    a, b = load_file(whole / "stitch.safetensors"), load_file(out / "stitch.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra, key", [(["--members-dtype", "bfloat16"], "members_dtype"),
+                                        (["train.lr=1e-3"], "options.train.lr")])
+def test_a_change_that_changes_the_result_is_another_command(members, uninterrupted, tmp_path, extra, key):
+    whole, _ = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    before = tree_digest(out)
+    log = tmp_path / "log.txt"
+    assert run_cli(argv(members, out, *extra), log) == 2
+    assert f"holds a bts stitch run of another command ({key} was" in log.read_text()
+    assert tree_digest(out) == before
+
+
+def test_more_steps_is_refused_with_the_reason(members, uninterrupted, tmp_path):
+    whole, _ = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    log = tmp_path / "log.txt"
+    assert run_cli(argv(members, out, steps=STEPS + 4), log) == 2
+    assert "another learning-rate schedule, not a continuation" in log.read_text()
+
+
+def test_export_writes_a_folder_that_carries_its_members(members, uninterrupted, tmp_path):
+    import bts  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    whole, _ = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    assert run_cli(argv(members, out, "--export"), tmp_path / "log.txt") == 0, (tmp_path / "log.txt").read_text()
+    assert sorted(p.name for p in (out / "members").iterdir()) == ["code", "hub", "math"]
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    config = json.loads((moved / "config.json").read_text())
+    assert all(not Path(m["path"]).is_absolute() for m in config["members"])
+    ids = random_ids(1, 12, 300)
+    model = AutoModelForCausalLM.from_pretrained(moved).eval()
+    reference = AutoModelForCausalLM.from_pretrained(whole).eval()
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)

@@ -199,3 +199,17 @@ def test_a_given_expert_that_is_not_cached_is_named_before_anything_is_written(t
     assert err == "bts: error: experts.paths.code 'Qwen/Qwen2.5-Coder-1.5B' is neither a local model directory " \
                   "nor a hub id in the local cache."
     assert not run_dir.exists() and list(work.iterdir()) == []
+
+
+def test_a_recipes_plan_shows_only_the_phases_it_runs():
+    """Given members are not trained and a recipe without BAM does not run it: their rows would read as if this run
+    could not fit ('NO')."""
+    from bts.pipeline.recipe import load_recipe
+    from bts.pipeline.recipe_plan import recipe_plan
+
+    names = [ph.name for ph in recipe_plan(load_recipe("qwen2.5-1.5b-code-math"))["phases"]]
+    assert names == ["stitch training", "inference (BTS)"]
+    demo = [ph.name for ph in recipe_plan(load_recipe("demo"))["phases"]]
+    assert demo[0] == "seed pretraining" and demo[1].startswith("expert training") and "stitch training" in demo
+    with_bam = [ph.name for ph in recipe_plan(load_recipe("demo", ["baselines.methods=[bam]"]))["phases"]]
+    assert "BAM training" in with_bam and "BAM adapters training" not in with_bam

@@ -206,3 +206,12 @@ def test_modularity_stage_needs_the_stitched_model(tmp_path):
     run = Run(load_recipe("smoke", ["modularity.enabled=true"]), tmp_path)
     with pytest.raises(BTSError, match="needs the stitched model"):
         modularity(run)
+
+
+def test_stitch_stage_needs_the_seed_and_experts(tmp_path):
+    """`--stages stitch` on a fresh run directory names the stages to run first (not a missing model folder)."""
+    from bts.pipeline.stages import stitch
+
+    run = Run(load_recipe("smoke"), tmp_path)
+    with pytest.raises(BTSError, match=r"stage stitch needs the seed and every expert; run seed, expert:"):
+        stitch(run)

@@ -85,3 +85,14 @@ def test_bts_lm_eval_subcommand_forwards_every_argument(monkeypatch):
     monkeypatch.setattr(lmeval, "cli", lambda argv: seen.setdefault("argv", argv) and 0)
     assert main(["lm-eval", "--model", "hf", "--model_args", "pretrained=x", "-h", "--tasks", "arc_easy"]) == 0
     assert seen["argv"] == ["--model", "hf", "--model_args", "pretrained=x", "-h", "--tasks", "arc_easy"]
+
+
+def test_a_bts_task_without_its_prefix_is_named_with_it(capsys):
+    """`bts eval` takes mmlu_math; lm-eval knows it as bts_mmlu_math: one sentence saying so, not a traceback."""
+    from bts.cli import main
+
+    assert main(["lm-eval", "--model", "hf", "--model_args", "pretrained=nowhere", "--tasks", "mmlu_math",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bts: error: --tasks names 'mmlu_math', which lm-eval knows as 'bts_mmlu_math'")
+    assert "\n" not in err

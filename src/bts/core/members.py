@@ -267,7 +267,9 @@ def reload_members(config, folder: Path, dtype: torch.dtype | None = None,
         path = path if path.is_absolute() else folder / path
         resolved.append({**spec, "path": str(path.resolve())})
         if not path.is_dir():
-            raise BTSError(f"member '{spec['name']}' was saved from '{path}', which no longer exists.")
+            raise BTSError(f"member '{spec['name']}' was saved from '{path}', which no longer exists (put it back, "
+                           "or edit members[].path in the model's config.json; `bts build --export` or `bts stitch "
+                           "--export` writes a folder that carries its members).")
         found = weights_sha256(path)
         if spec.get("sha256") and found != spec["sha256"]:
             raise BTSError(f"member '{spec['name']}' at '{path}' has changed since the model was saved "

@@ -294,7 +294,8 @@ def format_plan(plan: dict) -> str:
                if ph.stitch_layers else f"{ph.flops_members / 1e9:.2f} members")
         lines.append(f"{ph.name:<40} {_n(ph.total):>8} {_n(ph.trainable):>9} {_n(ph.active):>8} | {fwd:>27} "
                      f"{(ph.train_flops / 1e9 if ph.train_flops else 0):>7.2f}")
-    lines.append(f"(plus attention {plan['phases'][0].flops_attention / a.layers / 1e9:.3f} GFLOP/token per layer "
+    attention = plan.get("attention_flops", plan["phases"][0].flops_attention)  # one member's
+    lines.append(f"(plus attention {attention / a.layers / 1e9:.3f} GFLOP/token per layer "
                  f"at seq {plan['seq']}; included in the train column)")
     lines += ["", f"{'memory per device, GiB':<40} {'mode':<6} {'weights':>8} {'grads':>7} {'optim':>7} "
               f"{'acts':>7} {'gather':>7} {'total':>8}  fits"]

@@ -37,6 +37,25 @@ def recipe_plan(recipe: Recipe, *, gpus: int = 1, gpu_mem_gib: float = 80.0) -> 
     if experts < 1:
         raise BTSError(f"recipe '{recipe.name}' has no experts to plan for (experts.domains and data.domains).")
     label = f"recipe {recipe.name}: hub {recipe.seed_model.path or 'tiny llama seed'} from {where}"
-    return make_plan(config, experts=experts, gpus=gpus, gpu_mem_gib=gpu_mem_gib, seq=recipe.data.seq_len,
+    plan = make_plan(config, experts=experts, gpus=gpus, gpu_mem_gib=gpu_mem_gib, seq=recipe.data.seq_len,
                      micro_batch=t.batch_size // t.grad_accum, stitches=len(s.positions) or s.num_stitches,
                      checkpoint_members=s.checkpoint_members, label=label)
+    plan["attention_flops"] = plan["phases"][0].flops_attention  # one member's, as format_plan says
+    plan["phases"] = [ph for ph in plan["phases"] if _runs(recipe, ph.name)]  # only what this recipe runs
+    return plan
+
+
+def _runs(recipe: Recipe, phase: str) -> bool:
+    methods = recipe.baselines.methods
+    trained = [d for d in recipe.expert_domains if d not in recipe.experts.paths]
+    if phase.startswith("seed"):
+        return not recipe.seed_model.path
+    if phase.startswith("expert"):
+        return bool(trained)
+    if phase.startswith("BAM adapters"):
+        return "bam_adapters" in methods
+    if phase.startswith("BAM"):
+        return "bam" in methods
+    if phase.startswith("BTX"):
+        return any(m.startswith("btx") for m in methods)
+    return True  # stitch training and inference

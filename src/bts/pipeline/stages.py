@@ -192,7 +192,14 @@ def expert(run, info, domain: str) -> None:
                 budget=budget(run, f"expert:{domain}"))
 
 
-@stage("stitch")
+def _needs_members(run) -> None:
+    missing = [f"expert:{d}" for d in run.recipe.expert_domains if not run.done(f"expert:{d}")]
+    if not run.done("seed") or missing:
+        stages = ", ".join((["seed"] if not run.done("seed") else []) + missing)
+        raise BTSError(f"stage stitch needs the seed and every expert; run {stages} first (or the whole recipe).")
+
+
+@stage("stitch", prepare=_needs_members)
 def stitch(run, info) -> None:
     from bts.eval.gates import gate_summary
 

@@ -35,7 +35,7 @@ from bts.errors import BTSError
 from bts.pipeline.given import check_layout, check_members
 from bts.pipeline.recipe import DataConfig, DomainSpec, StitchConfig, _apply_override, _build, _check_train
 from bts.pipeline.rundir import _first_difference
-from bts.pipeline.stitch_text import build_text, fingerprint, open_sources, total_bytes
+from bts.pipeline.stitch_text import build_text, fingerprint, open_sources, same_text, total_bytes
 from bts.train.config import TrainConfig
 
 SCHEMA = "bts.stitch/1"
@@ -109,7 +109,7 @@ def parse_options(steps: int, overrides=()) -> JobOptions:
 # ---- the job ------------------------------------------------------------------------------------------------
 def stitch_job(hub: str, experts: list[str], data=(), data_hf=(), *, steps: int, out, overrides=(),
                names: list[str] | None = None, device: str = "auto", members_dtype: str = "auto",
-               force: bool = False):
+               force: bool = False, export: bool = False):
     """Train the stitches of hub + experts on the text of `data` (files or globs: txt, jsonl, parquet) and
     `data_hf` (HF datasets, NAME[:CONFIG[:SPLIT]], from the local cache), write the stitched model to `out`, and
     return it. Every bad input is a BTSError raised before `out` is created or changed."""
@@ -127,12 +127,15 @@ def stitch_job(hub: str, experts: list[str], data=(), data_hf=(), *, steps: int,
     check_layout(opts.stitch, hub, "--hub")
     sources = _sources(data, data_hf, opts.data)
     out = Path(out)
-    record = {"schema": SCHEMA, "hub": hub, "experts": list(experts), "names": names, "data": list(data),
-              "data_hf": list(data_hf), "options": opts.to_dict()}
+    prints = fingerprint(sources)
+    # What the result depends on, spelled canonically: the same command typed another way (a trailing slash, a
+    # glob the shell expanded, another checkpoint interval) resumes the same run.
+    record = {"schema": SCHEMA, "hub": _canonical(hub), "experts": [_canonical(e) for e in experts], "names": names,
+              "data": [f[0] for p in prints if "data_hf" not in p for f in p["files"]], "data_hf": list(data_hf),
+              "members_dtype": str(dtype).removeprefix("torch."), "options": _result_options(opts.to_dict())}
     previous = _previous_job(out, record, force)
     readers = open_sources(sources)  # refuses what the loaders can see before reading: nothing is written yet
-    prints = fingerprint(sources)
-    if previous and previous.get("sources") != prints:
+    if previous and not same_text(previous.get("sources") or [], prints):
         if not force:
             raise BTSError(f"the text of --data / --data-hf has changed since the run in --out '{out}' began; use "
                            "a new --out or pass --force to start over.")
@@ -140,7 +143,10 @@ def stitch_job(hub: str, experts: list[str], data=(), data_hf=(), *, steps: int,
     if previous and previous.get("complete") and (out / "stitch.safetensors").is_file():
         print(f"bts: {out} is already a finished run of this command (final loss {previous['final_loss']:.4f})",
               file=sys.stderr)
-        return BTSForCausalLM.from_pretrained(out)
+        model = BTSForCausalLM.from_pretrained(out)
+        if export and not (out / "members").is_dir():
+            model.save_pretrained(out, export_members=True)
+        return model
     s = opts.stitch
     model = BTSForCausalLM.from_members(
         hub, list(experts), names=names, hub_name="hub", num_stitches=s.num_stitches, positions=s.positions or None,
@@ -166,10 +172,11 @@ def stitch_job(hub: str, experts: list[str], data=(), data_hf=(), *, steps: int,
         raise
     job["tokens"] = len(shard)
     atomic_write_json(out / STATE / "job.json", job)
-    return _train_and_save(model, tok, shard, opts, out, dev, job, resuming=previous is not None)
+    return _train_and_save(model, tok, shard, opts, out, dev, job, resuming=previous is not None, export=export)
 
 
-def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, job: dict, resuming: bool):
+def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, job: dict, resuming: bool,
+                    export: bool = False):
     from bts.data.streams import Batcher
     from bts.train.loop import train
 
@@ -178,15 +185,16 @@ def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, job: d
                       seed=opts.seed * 7919 + 7)
     trainable = {f"stitches.{k}": p for k, p in model.stitches.named_parameters()}
     n = sum(p.numel() for p in trainable.values())
-    print(f"bts: stitching {len(model.config.expert_names)} experts into the hub: stitches after blocks "
+    n_experts = len(model.config.expert_names)
+    print(f"bts: stitching {n_experts} expert{'s' if n_experts != 1 else ''} into the hub: stitches after blocks "
           f"{model.config.stitch_positions}, {n:,} trainable parameters, {len(stream):,} tokens of text, "
-          f"{cfg.steps} steps on {dev}{'; resuming from the last checkpoint' if resuming else ''}", file=sys.stderr,
+          f"{cfg.steps} steps on {dev} ({next(model.hub.parameters()).dtype} members){'; resuming from the last checkpoint' if resuming else ''}", file=sys.stderr,
           flush=True)
     t0 = time.perf_counter()
     result = train(model, trainable, lambda step: [to_device(m, dev) for m in batcher(step)], cfg, out / STATE,
                    desc="stitch", seed=opts.seed, device=dev)
     tok.save_pretrained(out)
-    model.save_pretrained(out)
+    model.save_pretrained(out, export_members=export)
     atomic_write_json(out / STATE / "job.json", {**job, "complete": True, "final_loss": result.final_loss,
                                                  "trained_tokens": result.tokens})
     print(f"bts: saved {out} (final loss {result.final_loss:.4f}, {time.perf_counter() - t0:.0f}s); load it with "
@@ -235,6 +243,21 @@ def _previous_job(out: Path, record: dict, force: bool) -> dict | None:
         raise BTSError(f"--out '{out}' is not empty and holds no bts stitch run; choose a new directory or pass "
                        "--force.")
     key, old, new = _first_difference(previous.get("command", {}), record)
-    raise BTSError(f"--out '{out}' holds a bts stitch run of another command ({key} was {old!r}, now {new!r}); "
+    why = " (more steps is another learning-rate schedule, not a continuation)" if key == "options.train.steps" else ""
+    raise BTSError(f"--out '{out}' holds a bts stitch run of another command ({key} was {old!r}, now {new!r}){why}; "
                    "use a new --out, or pass --force to start over.")
+
+
+# Settings that do not change what is trained: a resumed run may change them.
+NOT_RESULT = ("log_every", "ckpt_every", "report_to")
+
+
+def _result_options(options: dict) -> dict:
+    return {**options, "train": {k: v for k, v in options["train"].items() if k not in NOT_RESULT}}
+
+
+def _canonical(spec: str) -> str:
+    """A member as the run records it: a local folder by its absolute path, a hub id as written."""
+    path = Path(str(spec)).expanduser()
+    return str(path.resolve()) if path.exists() else str(spec)
 

@@ -59,7 +59,7 @@ def fingerprint(sources) -> list[dict]:
                     if os.path.isfile(f):
                         st = os.stat(f)
                         files.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
-            out.append({"data": list(spec["files"]), "files": files})
+            out.append({"files": files})  # the files a pattern matched, not how it was typed
         else:
             out.append({"data_hf": [spec["dataset"], spec["config"], spec["split"]], "files": _hf_files(spec)})
     return out
@@ -79,6 +79,15 @@ def _hf_files(spec) -> list | None:
             st = os.stat(name)
             files.append([name, st.st_size, st.st_mtime_ns])
     return files or None
+
+
+def same_text(a: list[dict], b: list[dict]) -> bool:
+    """Whether two fingerprints name the same text: the same files and datasets in the same order, however the
+    command line spelled them (one glob or the files the shell expanded it to)."""
+    def flat(prints):
+        return [tuple(f) for p in prints if "data_hf" not in p for f in p["files"]] + \
+               [(tuple(p["data_hf"]), str(p["files"])) for p in prints if "data_hf" in p]
+    return flat(a) == flat(b)
 
 
 def total_bytes(prints: list[dict]) -> int:

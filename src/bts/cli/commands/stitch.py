@@ -22,6 +22,7 @@ def add_arguments(p):
     p.add_argument("--steps", required=True, type=int, help="optimizer steps (train.steps)")
     p.add_argument("--out", required=True, help="output directory: new, empty, or an earlier run of this command")
     add_device_arguments(p)
+    p.add_argument("--export", action="store_true", help="copy the members into --out: one self-contained folder")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out, starting training over")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="stitch.* (num_stitches, positions, init, …), train.* (lr, batch_size, grad_accum, warmup, "
@@ -40,5 +41,6 @@ def run(args):
         overrides += [x for x in items if OVERRIDE.fullmatch(x)]
     stitch_job(args.hub, lists["experts"], lists["data"], lists["data_hf"], steps=args.steps, out=args.out,
                overrides=overrides, names=lists["names"] or None, device=args.device or "auto",
-               members_dtype=args.members_dtype or "auto", force=args.force)
+               members_dtype=args.members_dtype or "auto", force=args.force,
+               export=args.export)
     return 0

@@ -142,6 +142,10 @@ def cli(argv: list[str]) -> int:
 
     argv = device_argv(list(argv))
     requested = _flag_value(argv, "--tasks") or ""
+    bare = [t for t in requested.split(",") if t in TASKS]  # bts's own name without lm-eval's prefix
+    if bare:
+        raise BTSError(f"--tasks names '{bare[0]}', which lm-eval knows as '{PREFIX}{bare[0]}' (bts's offline tasks "
+                       f"carry the {PREFIX} prefix here; `bts eval` takes the bare names).")
     wanted = [t.removeprefix(PREFIX) for t in requested.split(",") if t.startswith(PREFIX)]
     if wanted and _flag_value(argv, "--include_path") is None:
         argv += ["--include_path", str(write_lm_eval_tasks(tasks=[t for t in wanted if t in TASKS] or None))]
