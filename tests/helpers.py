@@ -119,3 +119,27 @@ def assert_causal(model, ids, positions):
         out = model(changed).logits
         assert (out[:, : t + 1] - base[:, : t + 1]).abs().max() <= 1e-5
         assert (out[:, t + 1] - base[:, t + 1]).abs().max() > 1e-4  # the change does reach position t+1
+
+
+def fake_gpus(monkeypatch, n: int = 1) -> None:
+    """Make torch report n CUDA GPUs (0: none), so tests can check that bts asks CUDA for its tensors (a CPU-only
+    torch then fails with 'Torch not compiled with CUDA enabled') rather than silently staying on the CPU."""
+    from bts.core import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(device, "enable_fast_kernels", lambda d: None)  # would touch the (absent) CUDA backend
+
+
+def assert_generation_cache_free(model) -> None:
+    """generate() with a KV cache equals generate() without, greedy, on a batch whose second row is left-padded."""
+    ids = random_ids(2, 7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
+    ids[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert cached.shape == (2, 15)
+    assert torch.equal(cached, uncached)

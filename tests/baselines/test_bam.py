@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import VOCAB, random_ids, tiny_config, tiny_members, tiny_model
+from helpers import VOCAB, assert_generation_cache_free, random_ids, tiny_config, tiny_members, tiny_model
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
 
 from bts.baselines.bam import (BAMConfig, BAMForCausalLM, bam_counts, bam_counts_of, bam_parameter_counts,
@@ -126,18 +126,7 @@ def test_routers_are_random_and_seeded_by_seed_rng():
 
 
 # ---- KV cache -----------------------------------------------------------------------------------------------------
-def test_cache_equals_no_cache_with_kv_sharing():
-    hub, experts = tiny_members("llama", n=2)
-    bam = build_bam(hub, experts, kv_sharing=True)
-    ids = random_ids(2, 10)
-    full = logits(bam, ids)
-    with torch.no_grad():
-        out = bam(input_ids=ids[:, :6], use_cache=True)
-        cache, steps = out.cache, [out.logits]
-        for t in range(6, 10):
-            out = bam(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+# (cache equals no cache, with and without kv_sharing, on every family: tests/baselines/test_bam_families.py)
     base = bam.config.base_config  # one slot per (member, block), keys [B, H_kv, S, hd]
     assert len(cache.layers) == 3 * base.num_hidden_layers
     assert cache.layers[0].keys.shape == (2, base.num_key_value_heads, 10, base.hidden_size // base.num_attention_heads)
@@ -150,16 +139,7 @@ def test_generate_with_cache_equals_without(arch, options):
     else:
         hub, experts = tiny_members(arch, n=2)
     bam = build_bam(hub, experts, **options)
-    ids = random_ids(2, 7)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding in the second row
-    ids[1, :3] = 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        cached = bam.generate(ids, use_cache=True, **kwargs)
-        uncached = bam.generate(ids, use_cache=False, **kwargs)
-    assert cached.shape == (2, 15)
-    assert torch.equal(cached, uncached)
+    assert_generation_cache_free(bam)
 
 
 # ---- what trains --------------------------------------------------------------------------------------------------

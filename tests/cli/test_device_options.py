@@ -7,20 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, save_members, tiny_model, tiny_tokenizer
+from helpers import TINY, fake_gpus, save_members, tiny_model, tiny_tokenizer
 
 from bts.cli import main
-from bts.core import device as dev
 from bts.eval.downstream import lmeval
 from bts.eval.downstream.tasks import FIXTURES
 
 CUDA_MISSING = "Torch not compiled with CUDA enabled"
 
-
-def fake_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(dev, "enable_fast_kernels", lambda d: None)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +90,7 @@ def test_recipe_override_wins_through_the_option(capsys, tmp_path):
 
 def test_bts_eval_uses_a_reported_gpu(monkeypatch, tmp_path, models):
     """No --device and a GPU reported: the model is read onto cuda:0 (torch's CUDA error on this CPU-only build)."""
-    fake_gpu(monkeypatch)
+    fake_gpus(monkeypatch)
     with pytest.raises(AssertionError, match=CUDA_MISSING):
         main(["eval", models["hub"], "--tasks", "mmlu_math", "--limit", "1", "--out", str(tmp_path / "out"),
               "--data-dir", str(FIXTURES)])
@@ -104,7 +98,7 @@ def test_bts_eval_uses_a_reported_gpu(monkeypatch, tmp_path, models):
 
 def test_bts_eval_reads_a_stitched_model_onto_a_reported_gpu(monkeypatch, capsys, tmp_path, models):
     """Its members are read onto cuda:0 (the member loader words torch's CUDA error as one sentence)."""
-    fake_gpu(monkeypatch)
+    fake_gpus(monkeypatch)
     assert main(["eval", models["stitched"], "--tasks", "mmlu_math", "--limit", "1", "--out", str(tmp_path / "out"),
                  "--data-dir", str(FIXTURES), "--tokenizer", models["hub"]]) == 2
     assert f"member 'hub'" in (err := capsys.readouterr().err) and CUDA_MISSING in err
@@ -126,7 +120,7 @@ def test_lm_eval_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert lmeval.device_argv(argv) == [*argv[:2], "--tasks", "bts_mmlu_math", "--device", "cpu",
                                         "--model_args", "pretrained=x,dtype=float32"]
-    fake_gpu(monkeypatch)
+    fake_gpus(monkeypatch)
     chosen = lmeval.device_argv(argv)
     assert chosen[chosen.index("--device") + 1] == "cuda:0"  # lm-eval is told the GPU, not left to guess
     assert chosen[chosen.index("--model_args") + 1] == "pretrained=x,dtype=bfloat16"

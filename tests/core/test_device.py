@@ -4,13 +4,9 @@ import pytest
 import torch
 
 from bts.core import device as dev
+from helpers import fake_gpus
 from bts.errors import BTSError
 
-
-def fake_gpus(monkeypatch, n):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
-    monkeypatch.setattr(dev, "enable_fast_kernels", lambda d: None)  # would touch the (absent) CUDA backend
 
 
 @pytest.mark.parametrize("spec", ["auto", "cpu", "cuda", "cuda:3", " cpu "])

@@ -8,15 +8,10 @@ from bts.core import device as dev
 from bts.core.members import load_causal_lm
 from bts.core.model import BTSForCausalLM
 from bts.errors import BTSError
-from helpers import tiny_members
+from helpers import fake_gpus, tiny_members
 
 CUDA_MISSING = "Torch not compiled with CUDA enabled"  # what a CPU build of torch says when CUDA is really used
 
-
-def fake_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(dev, "enable_fast_kernels", lambda d: None)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +62,7 @@ def test_a_reported_gpu_is_really_used_for_members(monkeypatch, member_dirs):
     """With a GPU reported, members are read onto it: on this CPU-only torch that fails with torch's own CUDA
     error (named in the one-sentence refusal), which shows nothing quietly stayed on the CPU."""
     hub, e1, _ = member_dirs
-    fake_gpu(monkeypatch)
+    fake_gpus(monkeypatch)
     with pytest.raises(BTSError, match=CUDA_MISSING) as exc:
         load_causal_lm(hub, "hub", device=dev.resolve_device("auto"))
     assert "could not be loaded" in str(exc.value) and "\n" not in str(exc.value)
@@ -78,7 +73,7 @@ def test_a_reported_gpu_is_really_used_for_members(monkeypatch, member_dirs):
 def test_a_reported_gpu_is_really_used_for_a_saved_model(monkeypatch, member_dirs, tmp_path):
     hub, e1, _ = member_dirs
     BTSForCausalLM.from_members(hub, [e1], num_stitches=2).save_pretrained(tmp_path / "s")
-    fake_gpu(monkeypatch)
+    fake_gpus(monkeypatch)
     for device_map in ("cuda", 0, {"": "cuda:0"}, "auto"):
         with pytest.raises(BTSError, match=CUDA_MISSING):
             BTSForCausalLM.from_pretrained(tmp_path / "s", device_map=device_map)

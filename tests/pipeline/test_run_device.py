@@ -9,9 +9,8 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import TINY
+from helpers import TINY, fake_gpus
 
-from bts.core import device as dev
 from bts.errors import BTSError
 from bts.pipeline import stages
 from bts.pipeline.recipe import load_recipe, recipe_to_dict
@@ -22,11 +21,6 @@ CUDA_MISSING = "Torch not compiled with CUDA enabled"
 SMALL = [*TINY, "baselines.methods=[]"]
 UP_TO_EVAL = ["data", "tokenizer", "seed", "experts", "stitch", "evaluate"]
 
-
-def fake_gpu(monkeypatch, n=1):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
-    monkeypatch.setattr(dev, "enable_fast_kernels", lambda d: None)
 
 
 def losses(run, phase):
@@ -69,7 +63,7 @@ def test_cuda_where_there_is_none_writes_nothing(monkeypatch, tmp_path):
 
 
 def test_a_reported_gpu_is_used_by_the_first_training_stage(monkeypatch, tmp_path):
-    fake_gpu(monkeypatch)
+    fake_gpus(monkeypatch)
     run = Run(load_recipe("smoke", SMALL), tmp_path / "run")  # device: auto
     assert run.device == torch.device("cuda", 0) and run.members_dtype is torch.bfloat16
     with pytest.raises(AssertionError, match=CUDA_MISSING):
@@ -80,7 +74,7 @@ def test_a_reported_gpu_is_used_by_the_first_training_stage(monkeypatch, tmp_pat
 def test_a_reported_gpu_is_used_by_evaluation_and_the_stitch(monkeypatch, two_runs):
     """Every evaluated model and the stitch stage's members are read onto the GPU in bf16."""
     _, b = two_runs
-    fake_gpu(monkeypatch)
+    fake_gpus(monkeypatch)
     run = load_run(b.root)
     run.recipe.device = "auto"
     found = stages.methods(run)
@@ -94,7 +88,7 @@ def test_a_reported_gpu_is_used_by_evaluation_and_the_stitch(monkeypatch, two_ru
 
 
 def test_under_torchrun_each_rank_takes_its_own_gpu(monkeypatch, tmp_path):
-    fake_gpu(monkeypatch, n=2)
+    fake_gpus(monkeypatch, n=2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert Run(load_recipe("smoke", [*SMALL, "device=cuda:0"]), tmp_path).device == torch.device("cuda", 1)

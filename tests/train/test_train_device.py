@@ -3,10 +3,9 @@ reports is really trained on (never a silent CPU), and running out of memory is 
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_members, tiny_model
+from helpers import VOCAB, fake_gpus, tiny_members, tiny_model
 
 from bts import BTSForCausalLM, BTSError
-from bts.core import device as dev
 from bts.data.streams import Batcher
 from bts.train.config import TrainConfig
 from bts.train.loop import train
@@ -29,11 +28,6 @@ def stitched():
     hub, experts = tiny_members("llama", 2)
     return BTSForCausalLM.from_members(hub, experts, num_stitches=2)
 
-
-def fake_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(dev, "enable_fast_kernels", lambda d: None)
 
 
 def test_explicit_cpu_and_auto_dtype_are_bit_identical_to_before(tmp_path):
@@ -69,7 +63,7 @@ def test_auto_dtype_is_no_autocast_on_the_cpu(tmp_path):
 def test_a_reported_gpu_is_trained_on(monkeypatch, tmp_path, device):
     """With a GPU reported, train() moves the model there (torch's CUDA error on this CPU-only build shows the
     attempt); nothing is trained on the CPU instead."""
-    fake_gpu(monkeypatch)
+    fake_gpus(monkeypatch)
     model = tiny_model("llama", seed=0, num_hidden_layers=2)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     with pytest.raises(AssertionError, match=CUDA_MISSING):
@@ -119,7 +113,7 @@ def test_torchrun_backend_follows_the_device(monkeypatch, device, backend, expec
 
     from bts.train import distributed
 
-    fake_gpu(monkeypatch)
+    fake_gpus(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     joined = {}

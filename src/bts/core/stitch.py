@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bts.errors import BTSError
+
 E2H, H2E = "e2h", "h2e"
 INITS = ("blend", "bias", "mixturekit", "default")
 EXPERT_STREAMS = ("projected", "raw")
@@ -184,11 +186,18 @@ def stitch_kinds(k: int, all_e2h: bool = False) -> list[str]:
     return [E2H if (k - 1 - j) % 2 == 0 else H2E for j in range(k)]
 
 
+def check_stitch_layout(positions: list, num_stitches: int, layers: int, of: str) -> None:
+    """stitch.positions / stitch.num_stitches against a hub of `layers` blocks (`of` says which: 'the 4 layers of
+    seed_model.path ...'), one sentence when they cannot be placed."""
+    if positions and (any(not 1 <= p <= layers for p in positions) or positions != sorted(set(positions))):
+        raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} ({of}) (got {positions}).")
+    if not positions and num_stitches > layers:
+        raise BTSError(f"stitch.num_stitches must be at most {of} (got {num_stitches}).")
+
+
 def check_stitch_options(*, init: str, expert_stream: str, beta: float, gate_dropout: float, prefix: str = "") -> None:
     """Refuse invalid stitch options in one sentence naming the key (with `prefix`, e.g. "stitch." for a recipe).
     The one place these are checked: BTSForCausalLM.from_members and recipe loading both call it."""
-    from bts.errors import BTSError
-
     if init not in INITS:
         raise BTSError(f"{prefix}init must be one of {', '.join(INITS)} (got '{init}').")
     if expert_stream not in EXPERT_STREAMS:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from bts.core.members import (Member, check_compatible, load_config, resolve_dir, tokenizer_fingerprint,
                               weights_sha256)
+from bts.core.stitch import check_stitch_layout
 from bts.errors import BTSError
 
 
@@ -54,13 +55,7 @@ def check_recipe_members(recipe) -> None:
 def check_layout(stitch, hub: str, where: str) -> None:
     """stitch.num_stitches / stitch.positions against a given hub's layer count (its config alone)."""
     layers = load_config(hub, where)[1].num_hidden_layers
-    s = stitch
-    if s.positions and (any(not 1 <= p <= layers for p in s.positions) or s.positions != sorted(set(s.positions))):
-        raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} (the layers of {where} "
-                       f"'{hub}') (got {s.positions}).")
-    if not s.positions and s.num_stitches > layers:
-        raise BTSError(f"stitch.num_stitches must be at most the {layers} layers of {where} '{hub}' "
-                       f"(got {s.num_stitches}).")
+    check_stitch_layout(stitch.positions, stitch.num_stitches, layers, f"the {layers} layers of {where} '{hub}'")
 
 
 def reference(spec: str, where: str) -> dict:

@@ -22,7 +22,7 @@ import yaml
 from bts.baselines.base import positive
 from bts.baselines.registry import REGISTRY
 from bts.core.device import TRAIN_DTYPES, check_device_spec, check_members_dtype
-from bts.core.stitch import check_stitch_options
+from bts.core.stitch import check_stitch_layout, check_stitch_options
 from bts.errors import BTSError
 from bts.train.config import TrainConfig
 from bts.train.lora import DEFAULT_TARGETS, LR_SCALE, check_targets
@@ -371,12 +371,7 @@ def _check_stitch(recipe: Recipe) -> None:
         raise BTSError(f"stitch.positions must be block numbers (got {s.positions}).")
     if not recipe.seed_model.path:  # the layer count is known now: refuse a bad layout before any training
         layers = recipe.seed_model.num_layers
-        if s.positions and (any(not 1 <= p <= layers for p in s.positions) or s.positions != sorted(set(s.positions))):
-            raise BTSError(f"stitch.positions must be increasing block numbers in 1..{layers} "
-                           f"(seed_model.num_layers) (got {s.positions}).")
-        if not s.positions and s.num_stitches > layers:
-            raise BTSError(f"stitch.num_stitches must be at most seed_model.num_layers={layers} "
-                           f"(got {s.num_stitches}).")
+        check_stitch_layout(s.positions, s.num_stitches, layers, f"seed_model.num_layers={layers}")
     if not 0 <= s.general_weight < 1:
         raise BTSError(f"stitch.general_weight must be in [0, 1) (got {s.general_weight}).")
     for d, w in s.domain_weights.items():
