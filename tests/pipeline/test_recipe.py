@@ -80,6 +80,7 @@ def test_recipe_values_are_never_evaluated(tmp_path):
 @pytest.mark.parametrize("override, fragment", [
     ("stitch.init=blnd", "stitch.init must be one of"),
     ("stitch.expert_stream=x", "stitch.expert_stream must be one of"),
+    ("stitch.output=heads", "stitch.output must be one of hub, mix_hidden, mix_logprobs (got 'heads')"),
     ("stitch.beta=-1", "stitch.beta must be a positive finite number (got -1.0)"),
     ("stitch.positions=[1.5]", "stitch.positions"),
     ("baselines.methods=[soup, nope]", "baselines.methods names 'nope', which is not a baseline"),
@@ -130,6 +131,7 @@ def test_every_baseline_option_belongs_to_a_baseline_and_is_checked():
 
 @pytest.mark.parametrize("override, needle", [
     ("stitch.init=blnd", "stitch.init"),
+    ("stitch.output=heads", "stitch.output"),
     ("baselines.methods=[btx_top3]", "baselines.methods"),
     ("baselines.btx_trainable=lora", "baselines.btx_trainable"),
 ])

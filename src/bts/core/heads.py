@@ -5,7 +5,9 @@ whatever an expert learnt in its own final norm and head never reaches the outpu
 mixing step after the final block; every expert then runs to the last block. Both gates read the hub's final
 (stitched, pre-norm) stream, as the E→H gate does, and both start exactly as the hub through the same zero-initialised
 blend as the stitches' default init (t = tanh(a), a = 0): the hub's weight is (1 − t) + t·g_0 and expert i's t·g_i,
-so the weights sum to 1, are exactly (1, 0, …, 0) at step 0, and ∂L/∂a ≠ 0 at once.
+so the weights sum to 1, are exactly (1, 0, …, 0) at step 0, and ∂L/∂a ≠ 0 at once. mix_hidden lets t go negative
+(like the stitches' blend: the weights may extrapolate, logits stay linear); mix_logprobs clamps t ≥ 0, so every
+w_m ≥ 0 and the mixture is a distribution.
 
   mix_hidden    a per-token, per-channel softmax over members (W_gate: d → (n+1)·d) of each member's own final-normed
                 stream n_m = norm_m(h_m); each member's own head reads its weighted share, and the logits add up:
@@ -58,6 +60,8 @@ class OutputMix(nn.Module):
         if active is not None:
             z = z[..., [0] + [1 + a for a in active], :]
         t = torch.tanh(self.blend)
+        if self.mode == "mix_logprobs":  # a mixture of distributions needs w ≥ 0 (Σ w_m p_m > 0); at a = 0 the
+            t = t.clamp_min(0)           # clamp still passes the gradient, so training can open it
         w = torch.softmax(z, dim=-2) * t
         w[..., 0, :] += 1 - t
         return w
