@@ -113,6 +113,14 @@ def test_every_value_is_checked_at_load(override, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+def test_an_output_mix_is_refused_with_the_modularity_stage():
+    """Adding / removing experts rebuilds the stitches only: refused at load, not after the stitch has trained."""
+    with pytest.raises(BTSError) as err:
+        load_recipe("smoke", ["stitch.output=mix_hidden", "modularity.enabled=true"])
+    assert "stitch.output=mix_hidden cannot be combined with modularity.enabled" in str(err.value)
+    assert load_recipe("smoke", ["stitch.output=mix_logprobs"]).stitch.output == "mix_logprobs"
+
+
 def test_every_baseline_option_belongs_to_a_baseline_and_is_checked():
     """Each `baselines.*` key but `methods` is read by some registered baseline, which checks it (the recipe
     holds no baseline check of its own); the trained ones say their training phase."""

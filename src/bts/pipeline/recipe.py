@@ -375,6 +375,9 @@ def _check_stitch(recipe: Recipe) -> None:
         check_stitch_layout(s.positions, s.num_stitches, layers, f"seed_model.num_layers={layers}")
     if not 0 <= s.general_weight < 1:
         raise BTSError(f"stitch.general_weight must be in [0, 1) (got {s.general_weight}).")
+    if s.output != "hub" and recipe.modularity.enabled:  # adding / removing experts rebuilds the stitches only
+        raise BTSError(f"stitch.output={s.output} cannot be combined with modularity.enabled (adding and removing "
+                       "experts supports only stitch.output=hub).")
     for d, w in s.domain_weights.items():
         if d not in recipe.data.domains:
             raise BTSError(f"stitch.domain_weights names '{d}', which is not in data.domains.")
