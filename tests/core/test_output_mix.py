@@ -200,3 +200,19 @@ def test_bad_output_is_one_sentence_and_surgery_refuses_a_mix():
     model = BTSForCausalLM.from_members(hub, tiny_members("llama", 2)[1], output="mix_logprobs")
     with pytest.raises(BTSError, match="not supported with stitch_output 'mix_logprobs'"):
         remove_expert(model, "expert1")
+
+
+@pytest.mark.parametrize("output", MIXES)
+def test_checkpointed_members_give_the_same_gradients(output):
+    """Checkpointed runners hand the output mix the same streams (Checkpointed.streams): equal gradients."""
+    _, _, model = _stitched(output, 2)
+    _open_output(open_stitches(model))
+    ids = random_ids()
+    grads = []
+    for checkpoint in (False, True):
+        model.set_execution(checkpoint_members=checkpoint)
+        model.zero_grad()
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_stitch_parameters().items()})
+    assert all(torch.allclose(grads[0][k], grads[1][k], rtol=0, atol=1e-12) for k in grads[0])
