@@ -80,6 +80,7 @@ def test_recipe_values_are_never_evaluated(tmp_path):
 @pytest.mark.parametrize("override, fragment", [
     ("stitch.init=blnd", "stitch.init must be one of"),
     ("stitch.expert_stream=x", "stitch.expert_stream must be one of"),
+    ("stitch.output=heads", "stitch.output must be one of hub, mix_hidden, mix_logprobs (got 'heads')"),
     ("stitch.beta=-1", "stitch.beta must be a positive finite number (got -1.0)"),
     ("stitch.positions=[1.5]", "stitch.positions"),
     ("baselines.methods=[soup, nope]", "baselines.methods names 'nope', which is not a baseline"),
@@ -112,6 +113,14 @@ def test_every_value_is_checked_at_load(override, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+def test_an_output_mix_is_refused_with_the_modularity_stage():
+    """Adding / removing experts rebuilds the stitches only: refused at load, not after the stitch has trained."""
+    with pytest.raises(BTSError) as err:
+        load_recipe("smoke", ["stitch.output=mix_hidden", "modularity.enabled=true"])
+    assert "stitch.output=mix_hidden cannot be combined with modularity.enabled" in str(err.value)
+    assert load_recipe("smoke", ["stitch.output=mix_logprobs"]).stitch.output == "mix_logprobs"
+
+
 def test_every_baseline_option_belongs_to_a_baseline_and_is_checked():
     """Each `baselines.*` key but `methods` is read by some registered baseline, which checks it (the recipe
     holds no baseline check of its own); the trained ones say their training phase."""
@@ -130,6 +139,7 @@ def test_every_baseline_option_belongs_to_a_baseline_and_is_checked():
 
 @pytest.mark.parametrize("override, needle", [
     ("stitch.init=blnd", "stitch.init"),
+    ("stitch.output=heads", "stitch.output"),
     ("baselines.methods=[btx_top3]", "baselines.methods"),
     ("baselines.btx_trainable=lora", "baselines.btx_trainable"),
 ])

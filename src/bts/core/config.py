@@ -58,6 +58,7 @@ class BTSConfig(CompositeConfig):
     stitch_beta: float = 8.0
     gate_dropout: float = 0.0
     expert_stream: str = "raw"
+    stitch_output: str = "hub"  # hub (the paper) | mix_hidden | mix_logprobs (bts.core.heads)
 
     def fill_defaults(self) -> None:
         n_layers = self.base_config.num_hidden_layers

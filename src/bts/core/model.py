@@ -33,6 +33,7 @@ from bts.core.device import device_from_map
 from bts.errors import BTSError
 from bts.core.members import (copy_tokenizer, freeze, load_member_set, member_manifest, reload_members,
                               save_member_manifest)
+from bts.core.heads import OutputMix
 from bts.core.stitch import E2H, StitchLayer, check_stitch_options, stitch_kinds, stitch_positions
 from bts.core.runners import BatchedRunner, Checkpointed, LoopRunner, MemberRunner, at_least_fp32
 
@@ -56,18 +57,21 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
                         gate_dropout=config.gate_dropout, expert_stream=config.expert_stream)
             for kind in config.stitch_kinds
         )
+        # Beyond the paper (bts.core.heads): the output also mixes the experts' final norms and LM heads.
+        self.output_mix = OutputMix(d, n, config.stitch_output) if config.stitch_output != "hub" else None
         self.post_init()  # before the members are attached: HF's weight init must never touch loaded members
         if hub is None:  # built from a config alone (tests, meta-device planning): random members
             hub = AutoModelForCausalLM.from_config(base)
             experts = [AutoModelForCausalLM.from_config(base) for _ in range(n)]
         self.hub = freeze(hub)
-        # Experts keep only their decoder: their LM heads are never used.
+        # Experts keep only their decoder: their LM heads are used only by an output mix.
         self.experts = nn.ModuleList(freeze(hf.decoder_of(e)) for e in experts)
         # The full expert models, kept (as a plain list: not submodules) to write out experts that exist only in
-        # memory. An expert loaded from disk is written by copying its files, so its LM head is never used: it is
-        # dropped to the meta device (no memory) unless it is tied to the embeddings.
+        # memory. An expert loaded from disk is written by copying its files, so without an output mix its LM head
+        # is never used: it is dropped to the meta device (no memory) unless it is tied to the embeddings.
         self._expert_models = [freeze(e) for e in experts]
-        for e in self._expert_models:
+        self.expert_heads = nn.ModuleList(e.lm_head for e in experts) if self.output_mix is not None else None
+        for e in self._expert_models if self.output_mix is None else []:
             head = e.lm_head.weight
             if getattr(e, "_bts_source_dir", None) and head.data_ptr() != hf.decoder_of(e).embed_tokens.weight.data_ptr():
                 e.lm_head.to("meta")
@@ -98,6 +102,8 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         float64 model is float64 end to end, as the hardware-independent tests need)."""
         member = next(self.hub.parameters()).dtype
         self.stitches.to(torch.promote_types(member, torch.float32))
+        if self.output_mix is not None:
+            self.output_mix.to(torch.promote_types(member, torch.float32))
 
     def to(self, *args, **kwargs):
         """Moves devices freely but keeps stitch parameters at least fp32 and members in their own dtype."""
@@ -115,16 +121,18 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
     def from_members(cls, hub, experts, *, names: list[str] | None = None, hub_name: str = "hub",
                      num_stitches: int = 4, positions: list[int] | None = None, all_e2h: bool = False,
                      init: str = "blend", beta: float = 8.0, gate_dropout: float = 0.0,
-                     expert_stream: str = "raw", dtype: torch.dtype | None = None,
+                     expert_stream: str = "raw", output: str = "hub", dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> "BTSForCausalLM":
         """Build a stitched model. hub / each expert: a model directory, a cached hub id, or a loaded model.
-        dtype / device: the members' (read from disk straight onto the device); the stitches stay fp32 or wider."""
+        dtype / device: the members' (read from disk straight onto the device); the stitches stay fp32 or wider.
+        output: "hub" (the paper), "mix_hidden" or "mix_logprobs" (also the experts' norms and heads, bts.core.heads)."""
         experts = list(experts) if isinstance(experts, (list, tuple)) else [experts]
         if not experts:
             raise BTSError("experts: at least one expert is needed (n = 0 given).")
         if names is not None and len(names) != len(experts):
             raise BTSError(f"names: {len(names)} names given for {len(experts)} experts.")
-        check_stitch_options(init=init, expert_stream=expert_stream, beta=beta, gate_dropout=gate_dropout)
+        check_stitch_options(init=init, expert_stream=expert_stream, beta=beta, gate_dropout=gate_dropout,
+                             output=output)
         members = load_member_set([hub, *experts], [hub_name, *(names or [None] * len(experts))], dtype,
                                   hub_role="hub", device=device)
         hub_model = members[0].model
@@ -140,7 +148,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         config = BTSConfig(
             base_config=base.to_dict(), num_experts=len(experts), expert_names=[m.name for m in members[1:]],
             stitch_positions=positions, stitch_kinds=stitch_kinds(len(positions), all_e2h), stitch_init=init,
-            stitch_beta=beta, gate_dropout=gate_dropout, expert_stream=expert_stream,
+            stitch_beta=beta, gate_dropout=gate_dropout, expert_stream=expert_stream, stitch_output=output,
             members=member_manifest(members),
             bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id,
         )
@@ -149,7 +157,7 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         return model if device is None else model.to(device)  # the stitches, built on the CPU, join the members
 
     def _init_weights(self, module):
-        if isinstance(module, StitchLayer):
+        if isinstance(module, (StitchLayer, OutputMix)):
             module.reset_parameters()
 
     def members(self) -> list[nn.Module]:
@@ -162,7 +170,14 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         return self
 
     def stitch_parameters(self) -> list[nn.Parameter]:
-        return list(self.stitches.parameters())
+        return list(self.named_stitch_parameters().values())
+
+    def named_stitch_parameters(self) -> dict[str, nn.Parameter]:
+        """Everything trained: the stitch layers and, with an output mix, its gate and blend."""
+        named = {f"stitches.{k}": p for k, p in self.stitches.named_parameters()}
+        if self.output_mix is not None:
+            named.update({f"output_mix.{k}": p for k, p in self.output_mix.named_parameters()})
+        return named
 
     # ---- execution paths ----------------------------------------------------------------------------------
     def set_execution(self, members: str | None = None, *, checkpoint_members: bool | None = None) -> None:
@@ -202,9 +217,11 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         "auto" runs on the loop path when the members cannot batch (bts.core.hf.batchable)."""
         kinds, positions = self.config.stitch_kinds, self.config.stitch_positions
         live = max(p for p, k in zip(positions, kinds) if k == E2H) if E2H in kinds else 0  # blocks the experts run
+        layers = self.config.base_config.num_hidden_layers
+        if self.output_mix is not None:  # the output reads every expert's final stream
+            live = layers
         index = list(range(len(self.experts))) if self._active is None else list(self._active)
         decoders = [hf.decoder_of(self.hub), *(self.experts[a] for a in index)]
-        layers = self.config.base_config.num_hidden_layers
         slots = [0] + [(a + 1) * layers for a in index]  # expert m's layer i: cache slot (m+1)·L + i
         args = dict(active=self._active, live=live, cache=cache, use_cache=use_cache, slots=slots)
         wants = self._execution == "batched" or (self._execution == "auto" and cache is not None
@@ -257,10 +274,13 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
                     fn = stitch.mixing_weights if return_gates == "effective" else stitch.gate_values
                     gates.append(fn(at_least_fp32(runner.hub_stream(states)), active=self._active).detach())
                 states = runner.stitch(stitch, states)
-        hidden = hub.norm(runner.hub_stream(states))
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = hf.lm_logits(self.hub, hidden).float()
+        if self.output_mix is None:
+            hidden = hub.norm(runner.hub_stream(states))
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            logits = hf.lm_logits(self.hub, hidden).float()
+        else:
+            logits, gates_out = self._mixed_output(runner.streams(states), logits_to_keep, bool(return_gates))
         if self._shared_vocab < logits.shape[-1]:  # the hub's padding rows: never produced
             padding = torch.arange(logits.shape[-1], device=logits.device) >= self._shared_vocab
             logits = logits.masked_fill(padding, torch.finfo(logits.dtype).min)
@@ -270,7 +290,28 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         out = hf.causal_lm_output(loss, logits, cache)
         if return_gates:
             out["gates"] = gates  # per stitch layer: [B, T, n+1, d]
+            if self.output_mix is not None:
+                out["output_gates"] = gates_out.detach()  # [B, T, k+1, d or 1]: each member's output weight
         return out
+
+    def _mixed_output(self, streams: list[torch.Tensor], keep: int, weights: bool):
+        """The output mix (bts.core.heads) over the running members' final streams (hub first): each member's own
+        final norm and LM head. Returns (float logits, the mixing weights if `weights` else None)."""
+        index = list(range(len(self.experts))) if self._active is None else list(self._active)
+        if keep:
+            streams = [s[:, -keep:] for s in streams]
+        normed = [hf.decoder_of(self.hub).norm(streams[0])]
+        normed += [self.experts[a].norm(s) for a, s in zip(index, streams[1:])]
+        heads = [self.hub.lm_head, *(self.expert_heads[a] for a in index)]
+        configs = [self.hub.config, *(self._expert_models[a].config for a in index)]
+        if self.output_mix.mode == "mix_logprobs":  # each member's own full forward: its own logit scaling
+            heads = [lambda x, h=h, c=c: hf.scale_logits(c, h(x)) for h, c in zip(heads, configs)]
+        mix = self.output_mix
+        h0 = at_least_fp32(streams[0])
+        logits = mix(h0, normed, heads, self._shared_vocab, self.hub.config.vocab_size, active=self._active)
+        if mix.mode == "mix_hidden":  # heads are linear: one scaling of the summed logits, as the hub's own
+            logits = hf.scale_logits(self.hub.config, logits)
+        return logits.float(), mix.mixing_weights(h0, self._active) if weights else None
 
     @torch.no_grad()
     def gate_values(self, input_ids, attention_mask=None, effective: bool = False) -> list[torch.Tensor]:
@@ -330,7 +371,10 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
                                               export_members)  # an export is checked before anything is written
         out.mkdir(parents=True, exist_ok=True)
         config.architectures = [type(self).__name__]
-        atomic_save_safetensors(out / STITCH_WEIGHTS, self.stitches.state_dict(), metadata={"format": "pt"})
+        state = dict(self.stitches.state_dict())
+        if self.output_mix is not None:
+            state.update({f"output.{k}": v for k, v in self.output_mix.state_dict().items()})
+        atomic_save_safetensors(out / STITCH_WEIGHTS, state, metadata={"format": "pt"})
         config.save_pretrained(out)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(out)
@@ -361,7 +405,13 @@ class BTSForCausalLM(PreTrainedModel, GenerationMixin):
         for i, stitch in enumerate(model.stitches):  # E→H presence weights exist once an expert was added
             if f"{i}.presence" in state and stitch.kind == E2H:
                 stitch.enable_presence()
+        output = {k[len("output."):]: state.pop(k) for k in list(state) if k.startswith("output.")}
         missing, unexpected = model.stitches.load_state_dict(state, strict=False)
+        if model.output_mix is not None:
+            more = model.output_mix.load_state_dict(output, strict=False)
+            missing, unexpected = [*missing, *more.missing_keys], [*unexpected, *more.unexpected_keys]
+        elif output:
+            unexpected = [*unexpected, *output]
         if missing or unexpected:
             raise BTSError(f"'{folder / STITCH_WEIGHTS}' does not match the config "
                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}).")

@@ -82,6 +82,10 @@ class MemberRunner:
     def hub_stream(self, states) -> torch.Tensor:
         return states[0]
 
+    def streams(self, states) -> list[torch.Tensor]:
+        """Every running member's stream, hub first (an output mix reads them after the last block)."""
+        return list(states.unbind(0)) if isinstance(states, torch.Tensor) else list(states)
+
     def _experts(self, states) -> torch.Tensor:  # [k, B, T, d]
         raise NotImplementedError
 
@@ -183,6 +187,9 @@ class Checkpointed(MemberRunner):
 
     def hub_stream(self, states):
         return self.inner.hub_stream(states)
+
+    def streams(self, states):
+        return self.inner.streams(states)
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

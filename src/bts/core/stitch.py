@@ -195,7 +195,8 @@ def check_stitch_layout(positions: list, num_stitches: int, layers: int, of: str
         raise BTSError(f"stitch.num_stitches must be at most {of} (got {num_stitches}).")
 
 
-def check_stitch_options(*, init: str, expert_stream: str, beta: float, gate_dropout: float, prefix: str = "") -> None:
+def check_stitch_options(*, init: str, expert_stream: str, beta: float, gate_dropout: float, prefix: str = "",
+                         output: str = "hub") -> None:
     """Refuse invalid stitch options in one sentence naming the key (with `prefix`, e.g. "stitch." for a recipe).
     The one place these are checked: BTSForCausalLM.from_members and recipe loading both call it."""
     if init not in INITS:
@@ -206,3 +207,7 @@ def check_stitch_options(*, init: str, expert_stream: str, beta: float, gate_dro
         raise BTSError(f"{prefix}beta must be a positive finite number (got {beta!r}).")
     if isinstance(gate_dropout, bool) or not isinstance(gate_dropout, (int, float)) or not 0.0 <= gate_dropout < 1.0:
         raise BTSError(f"{prefix}gate_dropout must be in [0, 1) (got {gate_dropout!r}).")
+    from bts.core.heads import OUTPUTS
+
+    if output not in OUTPUTS:
+        raise BTSError(f"{prefix}output must be one of {', '.join(OUTPUTS)} (got {output!r}).")

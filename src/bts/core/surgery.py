@@ -72,6 +72,9 @@ def _rebuild(model, experts: list, names: list[str]):
     from bts.core.model import BTSForCausalLM
 
     cfg = model.config
+    if cfg.stitch_output != "hub":
+        raise BTSError(f"adding or removing experts is not supported with stitch_output '{cfg.stitch_output}' "
+                       "(only with the paper's output, 'hub').")
     new = BTSForCausalLM.from_members(
         model.hub, experts, names=names, hub_name=cfg.members[0]["name"], positions=list(cfg.stitch_positions),
         all_e2h=all(k == E2H for k in cfg.stitch_kinds), init=cfg.stitch_init, beta=cfg.stitch_beta,

@@ -113,6 +113,7 @@ class StitchConfig:
     beta: float = 8.0
     gate_dropout: float = 0.0
     expert_stream: str = "raw"
+    output: str = "hub"  # hub (the paper) | mix_hidden | mix_logprobs: also the experts' norms and heads
     checkpoint_members: bool = False  # recompute member blocks in backward: less memory, ~one more forward
     general_weight: float = 0.55  # share of the mix drawn from the general (seed-pretraining) data
     domain_weights: dict = field(default_factory=dict)  # domain -> weight of the rest; empty: equal
@@ -365,7 +366,7 @@ def _check_data(data: DataConfig) -> None:
 def _check_stitch(recipe: Recipe) -> None:
     s = recipe.stitch
     check_stitch_options(init=s.init, expert_stream=s.expert_stream, beta=s.beta, gate_dropout=s.gate_dropout,
-                         prefix="stitch.")
+                         prefix="stitch.", output=s.output)
     positive(s.num_stitches, "stitch.num_stitches")
     if any(not isinstance(p, int) or isinstance(p, bool) for p in s.positions):
         raise BTSError(f"stitch.positions must be block numbers (got {s.positions}).")
@@ -374,6 +375,9 @@ def _check_stitch(recipe: Recipe) -> None:
         check_stitch_layout(s.positions, s.num_stitches, layers, f"seed_model.num_layers={layers}")
     if not 0 <= s.general_weight < 1:
         raise BTSError(f"stitch.general_weight must be in [0, 1) (got {s.general_weight}).")
+    if s.output != "hub" and recipe.modularity.enabled:  # adding / removing experts rebuilds the stitches only
+        raise BTSError(f"stitch.output={s.output} cannot be combined with modularity.enabled (adding and removing "
+                       "experts supports only stitch.output=hub).")
     for d, w in s.domain_weights.items():
         if d not in recipe.data.domains:
             raise BTSError(f"stitch.domain_weights names '{d}', which is not in data.domains.")

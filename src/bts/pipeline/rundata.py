@@ -195,7 +195,7 @@ class RunData:
             str(self.model_dir("seed")), [str(self.model_dir(f"expert-{d}")) for d in experts],
             names=experts, hub_name="seed", num_stitches=s.num_stitches, positions=s.positions or None,
             all_e2h=s.all_e2h, init=s.init, beta=s.beta, gate_dropout=s.gate_dropout, expert_stream=s.expert_stream,
-            dtype=self.members_dtype, device=self.device)
+            output=s.output, dtype=self.members_dtype, device=self.device)
 
 
 def load_run_data(run_dir, cls=None):

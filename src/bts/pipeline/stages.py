@@ -206,7 +206,7 @@ def stitch(run, info) -> None:
     cfg = run.recipe.stitch.train
     model = run.build_stitched()
     model.set_execution(checkpoint_members=run.recipe.stitch.checkpoint_members)
-    trainable = {f"stitches.{k}": p for k, p in model.stitches.named_parameters()}
+    trainable = model.named_stitch_parameters()
     mix = run.stitch_mix()
     probe = run.mixed_heldout(max_tokens=2 * run.recipe.data.seq_len)
 

@@ -76,7 +76,7 @@ def parse_options(steps: int, overrides=()) -> JobOptions:
                            "settings are train.*).")
     stitch = _build(StitchConfig, raw.get("stitch") or {}, "stitch")
     check_stitch_options(init=stitch.init, expert_stream=stitch.expert_stream, beta=stitch.beta,
-                         gate_dropout=stitch.gate_dropout, prefix="stitch.")
+                         gate_dropout=stitch.gate_dropout, prefix="stitch.", output=stitch.output)
     positive(stitch.num_stitches, "stitch.num_stitches")
     if any(not isinstance(p, int) or isinstance(p, bool) for p in stitch.positions):
         raise BTSError(f"stitch.positions must be block numbers (got {stitch.positions}).")
@@ -151,7 +151,7 @@ def stitch_job(hub: str, experts: list[str], data=(), data_hf=(), *, steps: int,
     model = BTSForCausalLM.from_members(
         hub, list(experts), names=names, hub_name="hub", num_stitches=s.num_stitches, positions=s.positions or None,
         all_e2h=s.all_e2h, init=s.init, beta=s.beta, gate_dropout=s.gate_dropout, expert_stream=s.expert_stream,
-        dtype=dtype, device=dev)  # read straight onto the device, never a full fp32 CPU copy first
+        output=s.output, dtype=dtype, device=dev)  # read straight onto the device, never a full fp32 CPU copy first
     model.set_execution(checkpoint_members=s.checkpoint_members)
     from transformers import AutoTokenizer
 
@@ -183,7 +183,7 @@ def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, job: d
     cfg = opts.train
     batcher = Batcher({"text": stream}, {"text": 1.0}, opts.data["seq_len"], cfg.batch_size, cfg.grad_accum,
                       seed=opts.seed * 7919 + 7)
-    trainable = {f"stitches.{k}": p for k, p in model.stitches.named_parameters()}
+    trainable = model.named_stitch_parameters()
     n = sum(p.numel() for p in trainable.values())
     n_experts = len(model.config.expert_names)
     print(f"bts: stitching {n_experts} expert{'s' if n_experts != 1 else ''} into the hub: stitches after blocks "

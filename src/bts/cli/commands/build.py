@@ -4,6 +4,7 @@ from pathlib import Path
 
 from bts.cli.devices import add_device_arguments, device_of, members_dtype_of
 from bts.errors import BTSError
+from bts.core.heads import OUTPUTS
 from bts.core.stitch import EXPERT_STREAMS, INITS
 
 HELP = "build a stitched model from a hub and experts (HF dirs or cached hub ids) and save it"
@@ -21,6 +22,8 @@ def add_arguments(p):
     p.add_argument("--beta", type=float, default=8.0, help="gate bias for --init bias")
     p.add_argument("--gate-dropout", type=float, default=0.0)
     p.add_argument("--expert-stream", choices=EXPERT_STREAMS, default="raw")
+    p.add_argument("--output", choices=OUTPUTS, default="hub", dest="stitch_output",
+                   help="hub: the hub's norm and head (the paper); mix_hidden / mix_logprobs: also the experts'")
     p.add_argument("--export", action="store_true", help="copy the members in: one self-contained directory")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     add_device_arguments(p)
@@ -45,7 +48,7 @@ def run(args):
     model = BTSForCausalLM.from_members(
         args.hub, args.experts, names=args.names, num_stitches=args.num_stitches,
         positions=parse_positions(args.positions), all_e2h=args.all_e2h, init=args.init, beta=args.beta,
-        gate_dropout=args.gate_dropout, expert_stream=args.expert_stream,
+        gate_dropout=args.gate_dropout, expert_stream=args.expert_stream, output=args.stitch_output,
         dtype=members_dtype_of(args, device), device=device)
     model.save_pretrained(out, export_members=args.export)
     hub_dir = model.config.members[0]["path"]

@@ -70,13 +70,19 @@ def run(args):
         stitch_total += n_i
         arrow = "experts→hub (softmax)" if kind == E2H else "hub→experts (sigmoid)"
         print(f"  {i + 1} after block {pos:>3}: {arrow:<22} {n_i:>12,} trainable  (paper: (2n+1)d² = {(2*n+1)*d*d:,})")
-    # Loaded: the experts' LM heads are never used, so bts does not load them (unless tied to the embeddings).
+    output = cfg.get("stitch_output", "hub")
+    if output != "hub":  # bts.core.heads: the output also mixes the experts' final norms and heads
+        n_out = sum(_prod(s) for k, s in shapes.items() if k.startswith("output."))
+        stitch_total += n_out
+        print(f"  output mix ({output}): {n_out:,} trainable; every expert runs to its last block and uses its head")
+    # Loaded: with the hub's output the experts' LM heads are never used, so bts does not load them (unless tied).
     base = cfg["base_config"]
-    heads = 0 if base.get("tie_word_embeddings") else n * base["vocab_size"] * d
+    heads = 0 if base.get("tie_word_embeddings") or output != "hub" else n * base["vocab_size"] * d
     total = member_params - heads + stitch_total
-    print(f"trainable {stitch_total:,} / total {total:,} loaded ({100 * stitch_total / max(total, 1):.2f}%; the members' "
-          f"files hold {heads:,} more in the experts' LM heads, which bts does not use); "
-          f"init {cfg['stitch_init']}, expert stream after E→H: {cfg['expert_stream']}")
+    unused = f"the members' files hold {heads:,} more in the experts' LM heads, which bts does not use" if heads \
+        else "every member weight is used"
+    print(f"trainable {stitch_total:,} / total {total:,} loaded ({100 * stitch_total / max(total, 1):.2f}%; {unused}); "
+          f"init {cfg['stitch_init']}, expert stream after E→H: {cfg['expert_stream']}, output: {output}")
     adam = stitch_total * 4 * 3  # fp32 gradient + two AdamW moments
     for name, width in (("fp32", 4), ("bf16", 2)):
         weights = (member_params - heads) * width + stitch_total * 4
