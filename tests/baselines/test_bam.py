@@ -126,10 +126,7 @@ def test_routers_are_random_and_seeded_by_seed_rng():
 
 
 # ---- KV cache -----------------------------------------------------------------------------------------------------
-# (cache equals no cache, with and without kv_sharing, on every family: tests/baselines/test_bam_families.py)
-    base = bam.config.base_config  # one slot per (member, block), keys [B, H_kv, S, hd]
-    assert len(cache.layers) == 3 * base.num_hidden_layers
-    assert cache.layers[0].keys.shape == (2, base.num_key_value_heads, 10, base.hidden_size // base.num_attention_heads)
+# (cache equals no cache, with and without kv_sharing, and the cache's slot layout: tests/baselines/test_bam_families.py)
 
 
 @pytest.mark.parametrize("arch,options", [("qwen3", {"kv_sharing": True}), ("mistral_sliding", {})])
