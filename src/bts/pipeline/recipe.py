@@ -52,6 +52,9 @@ class DataConfig:
     eval_tokens: int = 32768  # held-out tokens scored per domain (0 = all)
     pack: bool = True  # training windows span documents, EOS-separated (as in pretraining); false: one per window
     processes: int = 0  # tokenization processes (0 = up to 8, one per core); the shards do not depend on it
+    # natural mixed-document held-out sets (bts.data.mixed, docs/mixed.md): builtin | fixture | off; auto: fixture
+    # when every domain is a fixture, builtin when any domain is built in, else off
+    mixed_docs: str = "auto"
 
 
 @dataclass
@@ -360,6 +363,10 @@ def _check_data(data: DataConfig) -> None:
         raise BTSError(f"data.eval_tokens must be ≥ 0 (0 = all) (got {data.eval_tokens}).")
     if data.processes < 0:
         raise BTSError(f"data.processes must be ≥ 0 (0 = one per core, up to 8) (got {data.processes}).")
+    if data.mixed_docs is False:  # YAML reads a bare `off` as false
+        data.mixed_docs = "off"
+    if data.mixed_docs not in ("auto", "builtin", "fixture", "off"):
+        raise BTSError(f"data.mixed_docs must be auto, builtin, fixture or off (got {data.mixed_docs!r}).")
 
 
 def _check_stitch(recipe: Recipe) -> None:
