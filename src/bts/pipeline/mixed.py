@@ -132,9 +132,9 @@ def describe(run, windows: dict[str, torch.Tensor]) -> dict:
 
 
 def heatmap_document(run, name: str = "code_doc") -> tuple[torch.Tensor, list[tuple[int, str]], str] | None:
-    """One natural mixed document for the gate heatmap: 2·seq_len tokens of the code_doc set's first document
-    whose window shows the most kinds (license / comment / docstring / code), with [(token start, kind)] where
-    the kind changes; None when the set is not there."""
+    """One natural mixed document for the gate heatmap: the window of 2·seq_len tokens (starts every seq_len/2,
+    over the code_doc set's documents) showing the most kinds (license / comment / docstring / code), the most
+    evenly; with [(token start, kind)] where the kind changes. None when the set is not there."""
     prov = prepare_mixed_docs(run)
     if name not in prov or "missing" in prov[name]:
         return None
@@ -150,13 +150,11 @@ def heatmap_document(run, name: str = "code_doc") -> tuple[torch.Tensor, list[tu
         kinds = [_kind_at(starts, segs, a) for a, _ in offsets]
         for start in range(0, len(ids) - length + 1, length // 4):
             window = kinds[start:start + length]
-            score = len(set(window))
+            score = (len(set(window)), -max(window.count(k) for k in set(window)))  # most kinds, most even
             if best is None or score > best[0]:
                 bounds = [(i, k) for i, k in enumerate(window) if i == 0 or window[i - 1] != k]
                 best = (score, torch.tensor(ids[start:start + length]), bounds, f"{row['id']} tokens {start}–"
                         f"{start + length}")
-        if best and best[0] >= 4:
-            break
     return None if best is None else best[1:]
 
 
