@@ -81,3 +81,29 @@ def test_mixed_source_auto_follows_the_domains():
     assert mixed_source(R("auto", "builtin", "files")) == "builtin"
     assert mixed_source(R("auto", "files", "hf")) == "off"
     assert mixed_source(R("off", "builtin")) == "off"
+
+
+def test_a_run_without_network_scores_the_other_sets_and_tries_again(monkeypatch, tmp_path):
+    """prepare_mixed_docs: a set that cannot be fetched is logged in one sentence, recorded as missing and
+    fetched again next time; the others are written."""
+    from types import SimpleNamespace
+
+    from bts.pipeline import mixed as run_mixed
+
+    calls = []
+
+    def load(name, source):
+        calls.append(name)
+        if name == "code_doc" and len(calls) <= 3:
+            raise BTSError("mixed-document set code_doc: could not obtain PyPI package absl-py==2.1.0 (offline).")
+        return mixed.load_mixed(name, "fixture")
+
+    monkeypatch.setattr(run_mixed, "load_mixed", load)
+    monkeypatch.setattr(run_mixed, "training_fingerprints", lambda run: (set(), set()))
+    recipe = SimpleNamespace(data=SimpleNamespace(mixed_docs="builtin", domains={}))
+    run = SimpleNamespace(recipe=recipe, path=lambda *p: tmp_path.joinpath(*p))
+    prov = run_mixed.prepare_mixed_docs(run)
+    assert "absl-py==2.1.0" in prov["code_doc"]["missing"] and not (tmp_path / "data/mixed/code_doc.jsonl").exists()
+    assert prov["prose_code"]["documents"] > 0 and (tmp_path / "data/mixed/prose_code.jsonl").exists()
+    prov = run_mixed.prepare_mixed_docs(run)  # the network is back
+    assert "missing" not in prov["code_doc"] and (tmp_path / "data/mixed/code_doc.jsonl").exists()

@@ -79,8 +79,8 @@ def prepare_mixed_docs(run) -> dict:
         return {}
     if prov_file.exists():
         prov = json.loads(prov_file.read_text(encoding="utf-8"))
-        if all(prov.get(s, {}).get("from") == source for s in MIXED_SETS):
-            return prov
+        if all(prov.get(s, {}).get("from") == source and "missing" not in prov[s] for s in MIXED_SETS):
+            return prov  # complete; a set that could not be fetched is tried again
     digests, lines = training_fingerprints(run)
     prov = {}
     for name in MIXED_SETS:

@@ -39,7 +39,7 @@ def mixed_docs_note(results: dict) -> str:
     sets = results.get("mixed_docs") or {}
     if not sets:
         return ""
-    parts = [f"`{name}` ({info.get('source', '?').split(' (')[0]} {info.get('version', '')}, "
+    parts = [f"`{name}` ({info.get('source', '?').split(' (')[0].split(',')[0]} {info.get('version', '')}, "
              f"{info.get('license', '?')}; {info.get('documents', '?')} documents, {info.get('tokens_scored', '?')} "
              f"tokens scored)" for name, info in sets.items()]
     return (" The natural mixed-document sets, held out from every training split (docs/mixed.md), are "
