@@ -86,6 +86,39 @@ def test_report_and_run_directory(smoke_run):
     assert run.done("baseline:routing")["budget"]["steps"] == 20 and "budget" not in run.done("baseline:soup")
 
 
+def test_mixed_document_sets_are_scored_for_every_method_and_disjoint_from_training(smoke_run):
+    """The natural mixed-document sets (bts.pipeline.mixed): from the committed fixtures (smoke), scored for
+    every method, a column each in the report, one document's gates in eval/gates.json, and no held-out mixed
+    document (nor any of its long lines) is in a training or validation split."""
+    from bts.data.mixed import MIXED_SETS
+
+    run, results = smoke_run
+    assert list(results["mixed_docs"]) == list(MIXED_SETS)
+    for name, entry in results["methods"].items():
+        losses = entry["mixed_docs_loss"]
+        assert set(losses) == set(MIXED_SETS) and all(0 < v < 20 for v in losses.values()), name
+    for info in results["mixed_docs"].values():
+        assert info["tokens_scored"] == run.recipe.data.eval_tokens and info["documents"] > 0
+    trained, lines = set(), set()
+    for d in run.domains:
+        for split in ("train", "val"):
+            for x in run.path("data", d, f"{split}.jsonl").read_text().splitlines():
+                text = json.loads(x)["text"]
+                trained.add(text)
+                lines |= {s.strip() for s in text.splitlines() if len(s.strip()) >= 40}
+    for name in MIXED_SETS:
+        docs = [json.loads(x)["text"] for x in run.path("data", "mixed", f"{name}.jsonl").read_text().splitlines()]
+        assert docs and not set(docs) & trained
+        assert not {s.strip() for t in docs for s in t.splitlines() if len(s.strip()) >= 40} & lines
+    header = next(line for line in run.path("report/report.md").read_text().splitlines() if line.startswith("| method"))
+    assert header.endswith("| mixed | code_doc | prose_code | math_prose |")
+    heat = json.loads(run.path("eval/gates.json").read_text())["mixed_docs_heatmap"]
+    assert heat["document"].startswith("absl/") and len(heat["mass"]) == 5
+    assert len(heat["mass"][0]) == 2 * run.recipe.data.seq_len and heat["bounds"][0][0] == 0
+    assert {k for _, k in heat["bounds"]} >= {"docstring", "code"}
+    assert run.path("report/gates_mixed_docs.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_rerun_skips_finished_stages(smoke_run):
     run, results = smoke_run
     again = Run(load_recipe("smoke"), run.root).all()
@@ -110,6 +143,7 @@ def test_second_process_refuses_a_locked_run_dir(smoke_run, tmp_path):
     (["run", "smoke", "stitch.train.stpes=3"], "did you mean 'steps'"),
     (["run", "smoke", "stitch.train.lr=-1"], "stitch.train.lr must be positive"),
     (["run", "smoke", "--stages", "bogus"], "unknown stage"),
+    (["run", "smoke", "data.mixed_docs=web"], "data.mixed_docs must be auto, builtin, fixture or off"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, args, fragment):
     out = tmp_path / "run"

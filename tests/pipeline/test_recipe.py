@@ -153,3 +153,16 @@ def test_bad_value_through_the_cli_writes_nothing(tmp_path, override, needle):
     lines = log.read_text().strip().splitlines()
     assert rc == 2 and len(lines) == 1 and needle in lines[0], lines
     assert not run_dir.exists() or not any(run_dir.rglob("*"))
+
+
+def test_mixed_docs_accepts_a_bare_yaml_off(tmp_path):
+    """`data.mixed_docs: off` is YAML for false; it means off, in a file and as an override."""
+    assert load_recipe("smoke").data.mixed_docs == "auto"
+    assert load_recipe("smoke", ["data.mixed_docs=off"]).data.mixed_docs == "off"
+    assert load_recipe("smoke", ["data.mixed_docs=fixture"]).data.mixed_docs == "fixture"
+    for bad in ("0", "web"):
+        with pytest.raises(BTSError, match="data.mixed_docs must be"):
+            load_recipe("smoke", [f"data.mixed_docs={bad}"])
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ndata:\n  mixed_docs: off\n  domains:\n    code: {source: fixture}\n")
+    assert load_recipe(str(path)).data.mixed_docs == "off"

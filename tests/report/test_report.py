@@ -17,10 +17,13 @@ STAGE_ORDER = ["data", "seed", "expert-a", "stitch", "baseline-btx_top2", "basel
 def _run_dir(root):
     def entry(loss):
         return {"heldout_loss": {"a": loss, "b": loss + 1}, "avg_heldout_loss": loss + 0.5, "mixed_heldout_loss": loss,
-                "trainable_params": 10, "total_params": 2000, "active_params": 2000}
+                "trainable_params": 10, "total_params": 2000, "active_params": 2000,
+                "mixed_docs_loss": {"code_doc": loss + 0.125, "math_prose": 6.0 - loss}}
 
     results = {"schema": "bts.results/1", "recipe": "t", "domains": ["a", "b"], "expert_domains": ["a"],
-               "seq_len": 8, "methods": {"seed": entry(3.0), "expert:a": entry(2.5), "bts": entry(2.25),
+               "seq_len": 8, "mixed_docs": {s: {"source": "PyPI package p (x)", "version": "1", "license": "MIT",
+                                                "documents": 3, "tokens_scored": 64} for s in ("code_doc", "math_prose")},
+               "methods": {"seed": entry(3.0), "expert:a": entry(2.5), "bts": entry(2.25),
                                          "btx_top2": entry(2.75), "soup": entry(2.8)}}
     (root / "results.json").write_text(json.dumps(results))
     (root / "recipe.yaml").write_text(yaml.safe_dump({"name": "t", "modularity": {"enabled": False}}))
@@ -42,8 +45,9 @@ def _run_dir(root):
     per_domain = {d: {"after block 1": {"hub": 0.6, "a": 0.3, "b": 0.1}} for d in ("a", "b")}
     heat = {"members": ["hub", "a"], "stitch": 1, "after_block": 1, "bounds": [[0, "a"], [4, "b"]],
             "mass": [[0.75] * 8, [0.25] * 8]}
+    doc_heat = {**heat, "bounds": [[0, "license"], [3, "docstring"], [6, "code"]], "document": "m.py tokens 0–8"}
     (root / "eval" / "gates.json").write_text(json.dumps({"schema": "bts.gates/1", "per_domain": per_domain,
-                                                          "heatmap": heat}))
+                                                          "heatmap": heat, "mixed_docs_heatmap": doc_heat}))
     return root
 
 
@@ -62,6 +66,31 @@ def test_report_reads_budgets_gates_and_stage_order_from_files(tmp_path):
     for png in ("gates.png", "heldout_loss.png"):
         assert (root / "report" / png).read_bytes()[:4] == b"\x89PNG"
     assert "<h2>Training budget" in (root / "report" / "report.html").read_text()
+
+
+def test_report_shows_each_mixed_document_set_as_a_column_and_its_gates(tmp_path):
+    root = _run_dir(tmp_path)
+    md = write_report(root, stage_order=STAGE_ORDER).read_text()
+    assert "| method | a | b | avg | mixed | code_doc | math_prose |" in md
+    # per column the lowest loss is bold: code_doc is lowest for bts (2.375), math_prose for seed (3.000)
+    assert "| bts | **2.250** | **3.250** | **2.750** | **2.250** | **2.375** | 3.750 |" in md
+    assert "| seed | 3.000 | 4.000 | 3.500 | 3.000 | 3.125 | **3.000** |" in md
+    assert "`code_doc` (PyPI package p 1, MIT; 3 documents, 64 tokens scored)" in md
+    assert "![Gates on a natural mixed document](gates_mixed_docs.png)" in md
+    assert (root / "report" / "gates_mixed_docs.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<th>code_doc</th>" in (root / "report" / "report.html").read_text()
+
+
+def test_a_results_file_without_mixed_document_sets_keeps_the_old_columns(tmp_path):
+    root = _run_dir(tmp_path)
+    results = json.loads((root / "results.json").read_text())
+    del results["mixed_docs"]
+    (root / "results.json").write_text(json.dumps(results))
+    gates = json.loads((root / "eval" / "gates.json").read_text())
+    del gates["mixed_docs_heatmap"]
+    (root / "eval" / "gates.json").write_text(json.dumps(gates))
+    md = write_report(root).read_text()
+    assert "| method | a | b | avg | mixed |\n" in md and "gates_mixed_docs" not in md
 
 
 def test_writing_a_report_imports_no_pipeline_and_loads_no_model(tmp_path):

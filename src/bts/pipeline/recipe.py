@@ -52,6 +52,9 @@ class DataConfig:
     eval_tokens: int = 32768  # held-out tokens scored per domain (0 = all)
     pack: bool = True  # training windows span documents, EOS-separated (as in pretraining); false: one per window
     processes: int = 0  # tokenization processes (0 = up to 8, one per core); the shards do not depend on it
+    # natural mixed-document held-out sets (bts.data.mixed, docs/mixed.md): builtin | fixture | off; auto: fixture
+    # when every domain is a fixture, builtin when any domain is built in, else off
+    mixed_docs: str = "auto"
 
 
 @dataclass
@@ -205,6 +208,8 @@ def _coerce(hint, value, where: str):
         if not isinstance(value, dict):
             raise BTSError(f"{where} must map domain names to sources (got {value!r}).")
         return {str(k): _build(DomainSpec, v or {}, f"{where}.{k}") for k, v in value.items()}
+    if where.endswith("data.mixed_docs") and value is False:
+        return "off"  # YAML 1.1 reads a bare `off` as false
     expected = {int: int, float: (int, float), str: str, bool: bool, list: list, dict: dict}.get(hint)
     if expected is None:
         return value
@@ -361,6 +366,8 @@ def _check_data(data: DataConfig) -> None:
         raise BTSError(f"data.eval_tokens must be ≥ 0 (0 = all) (got {data.eval_tokens}).")
     if data.processes < 0:
         raise BTSError(f"data.processes must be ≥ 0 (0 = one per core, up to 8) (got {data.processes}).")
+    if data.mixed_docs not in ("auto", "builtin", "fixture", "off"):
+        raise BTSError(f"data.mixed_docs must be auto, builtin, fixture or off (got {data.mixed_docs!r}).")
 
 
 def _check_stitch(recipe: Recipe) -> None:

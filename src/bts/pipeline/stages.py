@@ -27,6 +27,7 @@ from bts.data import corpora
 from bts.data.streams import eval_windows
 from bts.errors import BTSError
 from bts.eval.heldout import heldout_loss
+from bts.pipeline import mixed as mixed_docs
 from bts.pipeline.loaders import count_params, load_bts, load_hf, quiet_libraries
 from bts.pipeline.rundir import WRITE_ERRNOS, log, marker_name
 from bts.train import distributed, lora
@@ -263,19 +264,22 @@ def evaluate(run, info) -> None:
     seq, budget_tokens = run.recipe.data.seq_len, run.recipe.data.eval_tokens
     windows = {d: eval_windows(run.stream(d, "heldout"), seq, budget_tokens) for d in run.domains}
     mixed = eval_windows(run.mixed_heldout(), seq)
+    docs = mixed_docs.mixed_windows(run)  # natural mixed-document sets (bts.pipeline.mixed)
     results = {"schema": "bts.results/1", "recipe": run.recipe.name, "domains": run.domains,
-               "expert_domains": run.recipe.expert_domains, "seq_len": seq, "methods": {}}
+               "expert_domains": run.recipe.expert_domains, "seq_len": seq,
+               "mixed_docs": mixed_docs.describe(run, docs), "methods": {}}
     for name, (load, stage_info) in methods(run).items():
         cached = run.path("eval", f"{marker_name(name)}.json")
         entry = _read_cached(cached)
-        if entry is not None:
+        if entry is not None and set(docs) <= set(entry.get("mixed_docs_loss", {})):
             results["methods"][name] = entry
             continue
         t0 = time.perf_counter()
         model, accounting = load()
         losses = {d: heldout_loss(model, w) for d, w in windows.items()}
         entry = {"heldout_loss": losses, "avg_heldout_loss": sum(losses.values()) / len(losses),
-                 "mixed_heldout_loss": heldout_loss(model, mixed), **accounting}
+                 "mixed_heldout_loss": heldout_loss(model, mixed), **accounting,
+                 "mixed_docs_loss": {s: heldout_loss(model, w) for s, w in docs.items()}}
         for key in ("tokens", "train_wall_s"):
             if key in stage_info:
                 entry["train_" + key if key == "tokens" else key] = stage_info[key]
@@ -302,7 +306,11 @@ def write_gates(run) -> None:
     seq = run.recipe.data.seq_len
     table = gate_table(model, {d: eval_windows(run.stream(d, "heldout"), seq, 8 * seq) for d in run.domains})
     ids, bounds = run.switch_text()
-    atomic_write_json(out, {"schema": "bts.gates/1", "per_domain": table, "heatmap": heatmap(model, ids, bounds)})
+    gates = {"schema": "bts.gates/1", "per_domain": table, "heatmap": heatmap(model, ids, bounds)}
+    doc = mixed_docs.heatmap_document(run)  # one natural mixed document: license / comment / docstring / code
+    if doc is not None:
+        gates["mixed_docs_heatmap"] = {**heatmap(model, doc[0], doc[1]), "document": doc[2]}
+    atomic_write_json(out, gates)
 
 
 @stage("downstream", when=lambda run: bool(run.recipe.downstream.tasks))

@@ -24,7 +24,7 @@ from bts.report.modularity import gate_sentence, modularity_sections
 from bts.report.plots import (PLOTS, plot_gate_heatmap, plot_heldout_bars, plot_modularity,
                               plot_training_curves)
 from bts.report.tables import (GATES_TITLE, _fmt_int, budget_rows, gate_markdown, html_table, markdown_table,
-                               params_table, results_table)
+                               mixed_docs_note, params_table, results_table)
 
 __all__ = ["write_report", "build_sections", "results_table", "params_table", "markdown_table", "html_table",
            "gate_markdown", "gate_sentence", "modularity_sections", "budget_rows", "to_html", "GATES_TITLE", "PLOTS",
@@ -51,6 +51,9 @@ def write_report(run_dir, stage_order=None) -> Path:
     if "bts" in results["methods"] and gates_file.exists():
         measured = json.loads(gates_file.read_text())
         plots["gates"] = plot_gate_heatmap(measured["heatmap"], out / "gates.png")
+        if measured.get("mixed_docs_heatmap"):  # one natural mixed document (bts.pipeline.mixed)
+            plots["gates_docs"] = plot_gate_heatmap(measured["mixed_docs_heatmap"], out / "gates_mixed_docs.png",
+                                                    what="license header / comment / docstring / code", suffix="")
         if gates is None:  # the modularity stage measured the same table; otherwise the evaluate stage's
             gates = measured["per_domain"]
     provenance = {d: json.loads((root / "data" / d / "provenance.json").read_text())
@@ -83,7 +86,8 @@ def build_sections(results, provenance, stages) -> list[tuple[str, str]]:
                   "not meaningful. Run `bts demo` for the real comparison.**")
     sections = [("Held-out loss (nats/token; lower is better; best per column in bold)",
                  markdown_table(*results_table(results)) +
-                 "\n\n`mixed` is held-out text that switches domain every half window." + caveat)]
+                 "\n\n`mixed` is held-out text that switches domain every half window." + mixed_docs_note(results)
+                 + caveat)]
     sections.append(("Parameters and training cost", markdown_table(*params_table(results))))
     if "downstream" in results:
         from bts.eval.downstream.scoring import markdown_table as downstream_table

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 PLOTS = (("curves", "Training loss"), ("bars", "Held-out loss"), ("gates", "Gates"),
+         ("gates_docs", "Gates on a natural mixed document"),
          ("modularity", "Modularity: removing an expert, and sparse inference"))
 
 
@@ -58,20 +59,24 @@ def plot_heldout_bars(results: dict, out: Path) -> Path:
     return out
 
 
-def plot_gate_heatmap(gates: dict, out: Path) -> Path:
+def plot_gate_heatmap(gates: dict, out: Path, what: str = "domain switches", suffix: str = " text") -> Path:
     """Per-token mixing weight of each member at the last E→H stitch (averaged over channels; the blend gate is
-    folded in, so a column sums to 1): tokens × members, from eval/gates.json's "heatmap" (bts.eval.gates.heatmap)."""
+    folded in, so a column sums to 1): tokens × members, from eval/gates.json's "heatmap" (bts.eval.gates.heatmap)
+    or "mixed_docs_heatmap" (what: what the dashed lines mark; segments under 4 % of the width go unlabelled)."""
     mass = np.asarray(gates["mass"], dtype=np.float32)  # [members, T]
     names = gates["members"]
     fig, ax = plt.subplots(figsize=(11, 1.2 + 0.45 * len(names)))
     im = ax.imshow(mass, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(mass.max())))
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("token position (dashed lines: domain switches)")
-    for b, label in gates["bounds"]:
+    ax.set_xlabel(f"token position (dashed lines: {what})")
+    ends = [b for b, _ in gates["bounds"][1:]] + [mass.shape[1]]
+    for (b, label), end in zip(gates["bounds"], ends):
         ax.axvline(b - 0.5, color="white", linestyle="--", linewidth=1)
-        ax.text(b + 1, len(names) - 0.6, f"{label} text", fontsize=8, color="white", va="bottom")
+        if end - b >= 0.04 * mass.shape[1]:
+            ax.text(b + 1, len(names) - 0.6, f"{label}{suffix}", fontsize=8, color="white", va="bottom")
     fig.colorbar(im, ax=ax, label="mixing weight")
-    ax.set_title(f"Who feeds the hub: last E→H stitch (after block {gates['after_block']}), per token", pad=8)
+    doc = f" — {gates['document']}" if gates.get("document") else ""
+    ax.set_title(f"Who feeds the hub: last E→H stitch (after block {gates['after_block']}), per token{doc}", pad=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

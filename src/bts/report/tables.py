@@ -15,12 +15,14 @@ def _fmt_int(n) -> str:
 
 
 def results_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Rows = methods, columns = held-out loss per domain + average + mixed; best (lowest) per column in bold."""
+    """Rows = methods, columns = held-out loss per domain + average + mixed (the switching text) + one per natural
+    mixed-document set (results["mixed_docs"]); best (lowest) per column in bold."""
     domains = results["domains"]
-    cols = [*domains, "avg", "mixed"]
+    sets = list(results.get("mixed_docs") or {})
+    cols = [*domains, "avg", "mixed", *sets]
     methods = results["methods"]
     values = {m: [e["heldout_loss"][d] for d in domains] + [e["avg_heldout_loss"], e.get("mixed_heldout_loss")]
-              for m, e in methods.items()}
+              + [(e.get("mixed_docs_loss") or {}).get(s) for s in sets] for m, e in methods.items()}
     best = [min((v[i] for v in values.values() if v[i] is not None), default=None) for i in range(len(cols))]
     rows = []
     for m, vals in values.items():
@@ -30,6 +32,18 @@ def results_table(results: dict) -> tuple[list[str], list[list[str]]]:
             cells.append(f"**{text}**" if v is not None and v == best[i] else text)
         rows.append([m, *cells])
     return ["method", *cols], rows
+
+
+def mixed_docs_note(results: dict) -> str:
+    """The sentence under the loss table naming the natural mixed-document sets, their sources and sizes."""
+    sets = results.get("mixed_docs") or {}
+    if not sets:
+        return ""
+    parts = [f"`{name}` ({info.get('source', '?').split(' (')[0].split(',')[0]} {info.get('version', '')}, "
+             f"{info.get('license', '?')}; {info.get('documents', '?')} documents, {info.get('tokens_scored', '?')} "
+             f"tokens scored)" for name, info in sets.items()]
+    return (" The natural mixed-document sets, held out from every training split (docs/mixed.md), are "
+            + "; ".join(parts) + ".")
 
 
 def params_table(results: dict) -> tuple[list[str], list[list[str]]]:
