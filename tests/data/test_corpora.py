@@ -98,7 +98,7 @@ def test_split_errors_name_the_value():
         split_by_group(docs, heldout_groups=["nope"])
     with pytest.raises(BTSError, match=r"split_fractions.*0\.5"):
         split_by_group(docs, fractions=(0.5, 0.1, 0.1))
-    with pytest.raises(BTSError, match="2 document group"):
+    with pytest.raises(BTSError, match=r"come from 2 group\(s\) \(\w, \w\) but the train / val / held-out split"):
         split_by_group([Document("a", "A", "t"), Document("b", "B", "t")])
 
 

@@ -249,3 +249,23 @@ def test_stitch_stage_needs_the_seed_and_experts(tmp_path):
     run = Run(load_recipe("smoke"), tmp_path)
     with pytest.raises(BTSError, match=r"stage stitch needs the seed and every expert; run seed, expert:"):
         stitch(run)
+
+
+def test_a_glob_matching_nothing_in_the_last_domain_writes_nothing(tmp_path):
+    """Checked before the first domain is read: the run directory is not created, so the fixed recipe can use it."""
+    from bts.cli import main
+
+    run_dir = tmp_path / "run"
+    nothing = tmp_path / "nothing" / "*.jsonl"
+    assert main(["run", "smoke", "--run-dir", str(run_dir),
+                 f"data.domains.extra={{source: files, files: ['{nothing}']}}"]) == 2
+    assert not run_dir.exists()
+
+
+def test_logging_and_checkpoint_settings_may_change_over_a_run_dir(smoke_run):
+    """log_every / ckpt_every / report_to do not change what a phase trains: a finished run accepts them."""
+    run, _ = smoke_run
+    proc = subprocess.run([sys.executable, "-m", "bts", "run", "smoke", "--run-dir", str(run.root),
+                           "stitch.train.log_every=7", "seed_model.train.ckpt_every=3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

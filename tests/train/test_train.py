@@ -143,3 +143,14 @@ def test_float64_training_stays_float64(tmp_path, monkeypatch):
     assert moments and all(t.dtype == torch.float64 for t in moments)
     with pytest.raises(BTSError, match="float32, bfloat16"):
         loop.train(model, trainable, batcher(), cfg(steps=1, dtype="float64"), tmp_path / "bad")
+
+
+def test_a_checkpoint_of_other_shapes_is_one_sentence(tmp_path):
+    """Same names, other shapes (a vocabulary changed under the run, say): refused in one sentence, not a
+    size-mismatch traceback from deep inside the restore."""
+    model = tiny_model("llama")
+    trainable = dict(model.named_parameters())
+    train(model, trainable, batcher(), cfg(steps=3), tmp_path / "run")
+    other = tiny_model("llama", vocab_size=VOCAB + 8)
+    with pytest.raises(BTSError, match=r"holds different parameters from this run \(other names or shapes"):
+        train(other, dict(other.named_parameters()), batcher(), cfg(), tmp_path / "run")

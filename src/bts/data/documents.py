@@ -72,8 +72,9 @@ def assign_groups(sizes: dict[str, int], fractions=(0.8, 0.1, 0.1), seed: int = 
     needed = 1 + sum(1 for _, f in to_fill if f > 0) + (heldout_groups is not None and bool(heldout_groups))
     if len(sizes) < needed:
         shown = ", ".join(order[:8]) + (", ..." if len(order) > 8 else "")
-        raise BTSError(f"split_by_group got {len(sizes)} document group(s) ({shown}) but needs at least "
-                       f"{needed}, one per non-empty split; add documents from more groups.")
+        raise BTSError(f"a domain's documents come from {len(sizes)} group(s) ({shown}) but the train / val / "
+                       f"held-out split by group needs at least {needed}, one per non-empty split; add documents "
+                       "from more groups (for txt files: more files; or set group_field).")
     for split, fraction in to_fill:
         if fraction <= 0:
             continue

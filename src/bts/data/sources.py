@@ -49,22 +49,34 @@ def _open_text(path: str, counter: _Replacements):
     return io.TextIOWrapper(raw, encoding="utf-8", errors="bts-replace", newline="")
 
 
-def iter_files(name: str, s: dict, stats: dict) -> Iterator[Document]:
-    """Documents of every file the globs match, in glob order; a glob matching nothing is refused before any read."""
-    if not s["files"]:
+def matched_files(name: str, files: list) -> list[str]:
+    """The files a domain's globs match, in glob order; a glob matching nothing is refused (no file is read)."""
+    if not files:
         raise BTSError(f"data.domains.{name}.files is empty but source is 'files'.")
     paths: list[str] = []
-    for pattern in s["files"]:
+    for pattern in files:
         pattern = os.path.expanduser(str(pattern))
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if not os.path.isdir(m)]
         if not matches or not os.path.exists(matches[0]):
             raise BTSError(f"data.domains.{name}.files: no file matches '{pattern}'.")
         paths.extend(matches)
+    return paths
+
+
+def iter_files(name: str, s: dict, stats: dict) -> Iterator[Document]:
+    """Documents of every file the globs match, in glob order; a glob matching nothing is refused before any read."""
+    return _iter_paths(name, s, check_files(name, s), stats)
+
+
+def check_files(name: str, s: dict) -> list[str]:
+    """A files domain's matched files, with every glob matching something and every parquet file holding the text
+    column (schemas only: cheap enough to ask before a run writes anything)."""
+    paths = matched_files(name, s["files"])
     for path in paths:
         if path.lower().endswith((".parquet", ".pq")):
             _check_parquet(name, s, path)
-    return _iter_paths(name, s, paths, stats)
+    return paths
 
 
 def _iter_paths(name, s, paths, stats):

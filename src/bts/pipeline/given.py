@@ -42,8 +42,15 @@ def _member(name: str, where: str, spec: str) -> Member:
     return Member(name, SimpleNamespace(config=config), str(model_dir))
 
 
-def check_recipe_members(recipe) -> None:
-    """The recipe's given seed and experts, checked before a run writes anything."""
+def check_recipe_members(recipe, data: bool = True) -> None:
+    """The recipe's given seed and experts, and its local data files (every glob matches something, every parquet
+    file has the text column), checked before a run writes anything: a typo in the last domain must not cost the
+    work on the others, nor bind the run directory to the recipe with the typo."""
+    from bts.data.sources import check_files
+
+    for name, spec in recipe.data.domains.items() if data else ():  # data: the data stage is still to run
+        if spec.source == "files":
+            check_files(name, {"files": spec.files, "text_field": spec.text_field, "group_field": spec.group_field})
     seed = recipe.seed_model.path
     if not seed:
         return  # recipe loading refuses experts.paths without seed_model.path

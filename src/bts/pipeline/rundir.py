@@ -125,10 +125,10 @@ class RunDir:
             # as changes.
             # ... and the device: where a run computes is not what it computes (a run started on a CPU may go on
             # on a GPU). A run made before devices existed ran on a CPU, where a phase's dtype float32 is "auto".
-            old = {k: v for k, v in recipe_to_dict(load_recipe(str(stored))).items() if k not in SHIFTABLE}
+            old = _result_keys(recipe_to_dict(load_recipe(str(stored))))
             if "device" not in (yaml.safe_load(stored.read_text()) or {}):
                 _older_dtypes(old, current)
-            diff = _first_difference(old, {k: v for k, v in current.items() if k not in SHIFTABLE})
+            diff = _first_difference(old, _result_keys(current))
             if diff is not None:
                 key, old, new = diff
                 raise BTSError(f"run directory '{self.root}' was made with {key}={old!r}, not {new!r}; "
@@ -159,6 +159,18 @@ class RunDir:
 
 
 SHIFTABLE = ("modularity", "device")  # recipe keys that may change between runs over one run directory
+# and the settings of a training phase that do not change what it trains (logging, checkpoints, trackers)
+FREE_TRAIN_KEYS = ("log_every", "ckpt_every", "report_to")
+
+
+def _result_keys(recipe: dict) -> dict:
+    """A recipe dict without what may change over one run directory (SHIFTABLE, FREE_TRAIN_KEYS)."""
+    out = {k: v for k, v in recipe.items() if k not in SHIFTABLE}
+    for section in ("seed_model", "experts", "stitch"):
+        if isinstance(out.get(section), dict) and isinstance(out[section].get("train"), dict):
+            train = {k: v for k, v in out[section]["train"].items() if k not in FREE_TRAIN_KEYS}
+            out[section] = {**out[section], "train": train}
+    return out
 
 
 def _older_dtypes(old: dict, new: dict) -> None:

@@ -437,7 +437,7 @@ def run_stages(run, only: list[str] | None = None) -> dict | None:
     from bts.pipeline.given import check_recipe_members
 
     if wanted - {"report"}:  # the report reads files only: it needs no member
-        check_recipe_members(run.recipe)  # given seed and experts: cheap checks before anything is written
+        check_recipe_members(run.recipe, data=not run.done("data"))  # cheap checks before anything is written
     device = run.device  # a missing GPU is refused here, before anything is written
     _check_lora_targets(run)
     try:

@@ -146,9 +146,10 @@ def _publish(tmp: Path, final: Path, ckpt_root: Path, step: int, tokens: int, lo
 def _restore(path: Path, trainable, optimizer):
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "trainable.safetensors")
-    if set(tensors) != set(trainable):
-        raise BTSError(f"checkpoint {path} holds different parameters from this run; "
-                       "delete it or use another run directory.")
+    shapes = {k: tuple(p.shape) for k, p in trainable.items()}
+    if set(tensors) != set(trainable) or any(tuple(t.shape) != shapes[k] for k, t in tensors.items()):
+        raise BTSError(f"checkpoint {path} holds different parameters from this run (other names or shapes, e.g. "
+                       "from another tokenizer); delete it or use another run directory.")
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(distributed.like(tensors[name], p) if distributed.active() else tensors[name])
