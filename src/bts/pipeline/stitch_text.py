@@ -13,7 +13,6 @@ tokenizes the kept ones. A re-run decides "unchanged" from the fingerprint, neve
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from array import array
@@ -21,6 +20,7 @@ from array import array
 from bts.data.corpora import empty_domain, iter_domain
 from bts.data.documents import cap_mask
 from bts.data.shards import Shard, build_shard
+from bts.data.sources import matched_files
 from bts.errors import BTSError
 
 DOMAIN = "stitch"  # the domain name the loaders' messages carry (translated to the flags below)
@@ -51,14 +51,8 @@ def fingerprint(sources) -> list[dict]:
     out = []
     for flag, spec in sources:
         if spec["source"] == "files":
-            files = []
-            for pattern in spec["files"]:
-                path = os.path.expanduser(str(pattern))
-                found = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
-                for f in found:
-                    if os.path.isfile(f):
-                        st = os.stat(f)
-                        files.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+            files = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+                     for f in matched_files(flag, spec["files"])]  # the data stage's own glob rule
             out.append({"files": files})  # the files a pattern matched, not how it was typed
         else:
             out.append({"data_hf": [spec["dataset"], spec["config"], spec["split"]], "files": _hf_files(spec)})
