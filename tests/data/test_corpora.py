@@ -85,6 +85,22 @@ def test_split_is_deterministic_per_seed_and_seed_matters():
     assert len(heldouts) > 1
 
 
+@pytest.mark.parametrize("trial", range(10))
+def test_a_groups_split_never_depends_on_the_cap(trial):
+    """A recipe reading the corpus in full (the bundled seed's) never trains on what a capped one holds out."""
+    rng = random.Random(100 + trial)
+    docs = random_corpus(rng, rng.randint(6, 40))
+    full = split_by_group(docs, seed=trial)
+    side = {d.id: s for s, ds in full.items() for d in ds}
+    total = sum(len(d.text) for d in docs)
+    for cap in (total // 2, total // 5, 3000):
+        capped = split_by_group(docs, seed=trial, max_chars=cap)
+        for split, fraction in zip(("train", "val", "heldout"), (0.8, 0.1, 0.1)):
+            assert all(side[d.id] == split for d in capped[split])
+            assert sum(len(d.text) for d in capped[split]) <= max(1, int(fraction * cap))
+        assert sum(len(ds) for ds in capped.values()) < len(docs)
+
+
 def test_explicit_heldout_groups_are_exactly_held_out():
     docs = random_corpus(random.Random(1), 20)
     splits = split_by_group(docs, heldout_groups=["g3", "g7"])

@@ -33,7 +33,7 @@ def as_rows(docs):
 def test_streamed_splits_equal_the_list_path(tmp_path, max_chars):
     spec = {"source": "fixture", "max_chars": max_chars}
     info = prepare_domain("prose", spec, tmp_path / "prose", seed=3)
-    expected = split_by_group(load_domain("prose", spec), seed=3)
+    expected = split_by_group(load_domain("prose", {**spec, "max_chars": 0}), seed=3, max_chars=max_chars)
     assert written(tmp_path / "prose") == {s: as_rows(d) for s, d in expected.items()}
     assert info["splits"]["train"]["documents"] == len(expected["train"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prose"]  # no spool or temporary folder left

@@ -31,16 +31,42 @@ class Document:
 
 
 def split_by_group(docs: list[Document], fractions=(0.8, 0.1, 0.1), seed: int = 0,
-                   heldout_groups=None) -> dict[str, list[Document]]:
-    """Assign whole groups to train / val / heldout, aiming at `fractions` of the characters (assign_groups)."""
-    sizes: dict[str, int] = {}
-    for d in docs:
-        sizes[d.group] = sizes.get(d.group, 0) + len(d.text)
-    assign = assign_groups(sizes, fractions, seed, heldout_groups)
+                   heldout_groups=None, max_chars: int = 0) -> dict[str, list[Document]]:
+    """Assign whole groups to train / val / heldout, aiming at `fractions` of the characters (assign_groups), then
+    cap each split at its fraction of `max_chars` (split_mask: the split never depends on the cap)."""
+    where = split_mask([d.group for d in docs], [len(d.text) for d in docs], max_chars, fractions, seed,
+                       heldout_groups)
     out = {s: [] for s in SPLITS}
-    for d in docs:
-        out[assign[d.group]].append(d)
+    for d, split in zip(docs, where):
+        if split:
+            out[split].append(d)
     return out
+
+
+def split_mask(groups, lengths, max_chars: int, fractions=(0.8, 0.1, 0.1), seed: int = 0,
+               heldout_groups=None) -> list[str | None]:
+    """The split of each document (given by group and length, in order), or None where the cap drops it.
+
+    Groups are assigned on the whole corpus first and each split is then capped at its fraction of `max_chars`
+    (round-robin across its groups, cap_mask). So a group's split never depends on the cap: a recipe that reads a
+    corpus in full (the bundled seed's) never trains on a group that a capped recipe of the same corpus (the demo)
+    holds out.
+    """
+    sizes: dict = {}
+    for g, n in zip(groups, lengths):
+        sizes[g] = sizes.get(g, 0) + n
+    assign = assign_groups(sizes, fractions, seed, heldout_groups)
+    where = [assign[g] for g in groups]
+    if not max_chars:
+        return where
+    fraction = dict(zip(SPLITS, (float(f) for f in fractions)))
+    for split in SPLITS:
+        idx = [i for i, w in enumerate(where) if w == split]
+        keep = cap_mask([groups[i] for i in idx], [lengths[i] for i in idx], max(1, int(fraction[split] * max_chars)))
+        for i, k in zip(idx, keep):
+            if not k:
+                where[i] = None
+    return where
 
 
 def assign_groups(sizes: dict[str, int], fractions=(0.8, 0.1, 0.1), seed: int = 0,

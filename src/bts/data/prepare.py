@@ -3,8 +3,9 @@
     info = prepare_domain("code", spec, "runs/x/data/code", fractions=(0.8, 0.1, 0.1), seed=0)
 
 Two passes, neither holding the corpus: the first streams the documents (bts.data.corpora.iter_domain) into a spool
-file, keeping only each document's group and length; the `max_chars` cap (round-robin across groups) and the group
-split are computed from those numbers (bts.data.documents.cap_mask, assign_groups, the same rules as for a list);
+file, keeping only each document's group and length; the group split, then the `max_chars` cap of
+each split (round-robin across its groups), are computed from those numbers (bts.data.documents.split_mask, the
+same rules as for a list);
 the second pass copies each kept document from the spool into {train,val,heldout}.jsonl. Everything is written in a
 temporary folder next to `out_dir` and renamed into place at the end, so a bad line in the tenth file, or a kill,
 leaves no half-written domain behind. Memory: a few numbers per document and a name per group.
@@ -19,7 +20,7 @@ from array import array
 from pathlib import Path
 
 from bts.data import corpora
-from bts.data.documents import SPLITS, assign_groups, cap_mask
+from bts.data.documents import SPLITS, split_mask
 from bts.data.shards import remove_stale
 from bts.errors import BTSError
 
@@ -44,21 +45,14 @@ def prepare_domain(name: str, spec, out_dir, fractions=(0.8, 0.1, 0.1), seed: in
                 spool.write(json.dumps({"id": d.id, "group": d.group, "text": d.text}, ensure_ascii=False) + "\n")
         if not doc_len:
             raise corpora.empty_domain(name, spec)
-        keep = cap_mask(doc_group, doc_len, s["max_chars"])
         names = list(group_ids)
-        sizes = dict.fromkeys(names, 0)
-        for g, n, k in zip(doc_group, doc_len, keep):
-            if k:
-                sizes[names[g]] += n
-        sizes = {g: n for g, n in sizes.items() if n}
-        assign = assign_groups(sizes, fractions, seed)
+        where = split_mask([names[g] for g in doc_group], doc_len, s["max_chars"], fractions, seed)
         counts = {split: {"documents": 0, "chars": 0} for split in SPLITS}
         files = {split: open(tmp / f"{split}.jsonl", "w", encoding="utf-8") for split in SPLITS}
         try:
             with open(tmp / "spool.jsonl", encoding="utf-8") as spool:
-                for line, g, n, k in zip(spool, doc_group, doc_len, keep):
-                    if k:
-                        split = assign[names[g]]
+                for line, n, split in zip(spool, doc_len, where):
+                    if split:
                         files[split].write(line)
                         counts[split]["documents"] += 1
                         counts[split]["chars"] += n
@@ -73,7 +67,8 @@ def prepare_domain(name: str, spec, out_dir, fractions=(0.8, 0.1, 0.1), seed: in
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"splits": counts, "documents": sum(c["documents"] for c in counts.values()),
-            "chars": sum(c["chars"] for c in counts.values()), "groups": len(sizes),
+            "chars": sum(c["chars"] for c in counts.values()),
+            "groups": len({g for g, split in zip(doc_group, where) if split}),
             "replaced_bytes": stats.get("replaced_bytes", 0), "replaced_in": stats.get("replaced_in", [])[:10]}
 
 

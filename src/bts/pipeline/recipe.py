@@ -49,6 +49,9 @@ class DataConfig:
     domains: dict = field(default_factory=dict)  # name -> DomainSpec
     seq_len: int = 128
     split_fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train / val / held-out, by group
+    # the group split's own seed, apart from the recipe's `seed`: runs that differ only in `seed` (the paper recipe's
+    # repeats) score the same held-out text, and the demo holds out what the bundled seed never saw
+    split_seed: int = 0
     eval_tokens: int = 32768  # held-out tokens scored per domain (0 = all)
     pack: bool = True  # training windows span documents, EOS-separated (as in pretraining); false: one per window
     processes: int = 0  # tokenization processes (0 = up to 8, one per core); the shards do not depend on it
@@ -71,6 +74,8 @@ class SeedConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
+    domain_weights: dict = field(default_factory=dict)  # domain -> weight in the seed's mix; empty: equal
+    val_tokens: int = 0  # > 0: validation loss per domain on this many tokens at every log step (the seed's curve)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -334,6 +339,8 @@ def _check_lora(recipe: Recipe) -> None:
 def _check_data(data: DataConfig) -> None:
     if not data.domains:
         raise BTSError("data.domains is empty: a recipe needs at least one domain.")
+    if isinstance(data.split_seed, bool) or not isinstance(data.split_seed, int):
+        raise BTSError(f"data.split_seed must be an integer (got {data.split_seed!r}).")
     for name, spec in data.domains.items():  # names become folder names (data/<domain>, models/expert-<domain>)
         if not SAFE_NAME.fullmatch(name):
             raise BTSError(f"data.domains key '{name}' must be letters, digits, '_', '-' or '.' and not start "
@@ -385,11 +392,19 @@ def _check_stitch(recipe: Recipe) -> None:
     if s.output != "hub" and recipe.modularity.enabled:  # adding / removing experts rebuilds the stitches only
         raise BTSError(f"stitch.output={s.output} cannot be combined with modularity.enabled (adding and removing "
                        "experts supports only stitch.output=hub).")
-    for d, w in s.domain_weights.items():
+    _check_weights(recipe, s.domain_weights, "stitch.domain_weights")
+    _check_weights(recipe, recipe.seed_model.domain_weights, "seed_model.domain_weights")
+    v = recipe.seed_model.val_tokens
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise BTSError(f"seed_model.val_tokens must be a non-negative integer (got {v!r}).")
+
+
+def _check_weights(recipe: Recipe, weights: dict, key: str) -> None:
+    for d, w in weights.items():
         if d not in recipe.data.domains:
-            raise BTSError(f"stitch.domain_weights names '{d}', which is not in data.domains.")
+            raise BTSError(f"{key} names '{d}', which is not in data.domains.")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
-            raise BTSError(f"stitch.domain_weights.{d} must be positive (got {w}).")
+            raise BTSError(f"{key}.{d} must be positive (got {w}).")
 
 
 def _check_downstream(ds: DownstreamConfig) -> None:

@@ -132,6 +132,25 @@ class RunData:
         return Batcher(streams, weights, self.recipe.data.seq_len, cfg.batch_size, cfg.grad_accum,
                        seed=self.recipe.seed * 7919 + salt, pack=self.recipe.data.pack)
 
+    def seed_mix(self) -> dict:
+        """The seed's pretraining mix: every domain, equally or by seed_model.domain_weights."""
+        w = {d: float(self.recipe.seed_model.domain_weights.get(d, 1.0)) for d in self.domains}
+        return {d: v / sum(w.values()) for d, v in w.items()}
+
+    def val_curve(self, model, tokens: int):
+        """A metrics function for the loop: the model's validation loss per domain on `tokens` tokens each."""
+        from bts.data.streams import eval_windows
+        from bts.eval.heldout import heldout_loss
+
+        windows = {d: eval_windows(self.stream(d, "val"), self.recipe.data.seq_len, tokens)
+                   for d in self.domains}
+
+        def metrics() -> dict:
+            val = {d: heldout_loss(model, w) for d, w in windows.items()}
+            model.train()
+            return {"val_loss": val, "val_avg": sum(val.values()) / len(val)}
+        return metrics
+
     def stitch_mix(self, experts: list[str] | None = None) -> dict:
         """The stitch datamix: general_weight of the seed's general mix (all domains equally) plus the rest split
         across the experts' domains (equally, or by stitch.domain_weights). `experts` (default: the recipe's)

@@ -64,7 +64,7 @@ def budget(run, phase: str) -> dict | None:
             or phase.startswith("expert:") and phase.split(":", 1)[1] in r.experts.paths):
         return None  # given, not trained
     if phase == "seed":
-        data, cfg = "all domains equally", r.seed_model.train
+        data, cfg = run.seed_mix(), r.seed_model.train
     elif phase.startswith("expert:"):
         data, cfg = phase.split(":", 1)[1], r.experts.train_config()
     elif phase == "stitch":
@@ -85,7 +85,8 @@ def data(run, info) -> None:
 
     fractions = tuple(run.recipe.data.split_fractions)
     for name, spec in run.recipe.data.domains.items():  # streamed to disk in bounded memory (bts.data.prepare)
-        got = prepare_domain(name, spec, run.path("data", name), fractions=fractions, seed=run.recipe.seed)
+        got = prepare_domain(name, spec, run.path("data", name), fractions=fractions,
+                             seed=run.recipe.data.split_seed)
         if got["replaced_bytes"]:
             log(f"warning: data.domains.{name}: {got['replaced_bytes']} byte(s) that are not UTF-8 were replaced "
                 f"by U+FFFD (in {', '.join(got['replaced_in'])})")
@@ -138,9 +139,10 @@ def seed(run, info) -> None:
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     trainable = dict(model.named_parameters())
-    batches = run.batcher({d: 1.0 for d in run.domains}, rs.train, salt=1)
+    batches = run.batcher(run.seed_mix(), rs.train, salt=1)
     result = train(model, trainable, batches, rs.train, run.path("train", "seed"), desc="seed",
-                   seed=run.recipe.seed, device=run.device)  # initialised on the CPU (the same draw anywhere)
+                   seed=run.recipe.seed, device=run.device,  # initialised on the CPU (the same draw anywhere)
+                   metrics_fn=run.val_curve(model, rs.val_tokens) if rs.val_tokens else None)
     if distributed.is_main():
         model.save_pretrained(out)
         tok.save_pretrained(out)
