@@ -69,3 +69,22 @@ def reference(spec: str, where: str) -> dict:
     """What a stage marker records of a given member: its resolved folder and weights hash."""
     model_dir = resolve_dir(spec, where).resolve()
     return {"trained": False, "given": spec, "path": str(model_dir), "sha256": weights_sha256(model_dir)}
+
+
+def check_lora_targets(run) -> None:
+    """A given seed's LoRA targets, checked on its config (built on the meta device) before anything is written;
+    a scratch seed's were checked when the recipe loaded."""
+    r = run.recipe
+    if r.experts.lora.r and r.seed_model.path:
+        from transformers import AutoConfig
+
+        from bts.core.members import resolve_dir
+
+        where = resolve_dir(r.seed_model.path, "seed_model.path")
+        try:
+            config = AutoConfig.from_pretrained(where)
+        except (OSError, ValueError):
+            raise BTSError(f"seed_model.path '{r.seed_model.path}' has no readable model config.json.") from None
+        from bts.train import lora
+
+        lora.check_targets(config, r.experts.lora.targets)

@@ -28,6 +28,8 @@ from bts.data.streams import eval_windows
 from bts.errors import BTSError
 from bts.eval.heldout import heldout_loss
 from bts.pipeline import mixed as mixed_docs
+from bts.pipeline.budgets import budget
+from bts.pipeline.given import check_lora_targets
 from bts.pipeline.loaders import count_params, load_bts, load_hf, quiet_libraries
 from bts.pipeline.rundir import WRITE_ERRNOS, log, marker_name
 from bts.train import distributed, lora
@@ -55,27 +57,6 @@ def stage(marker: str, *, when: Callable | None = None, still_done: Callable | N
                 fn(run, info, *args)
         return run_stage
     return wrap
-
-
-def budget(run, phase: str) -> dict | None:
-    """What a training phase trains on and for how long (the report's budget table); None: it does not train."""
-    r = run.recipe
-    if (phase == "seed" and r.seed_model.path
-            or phase.startswith("expert:") and phase.split(":", 1)[1] in r.experts.paths):
-        return None  # given, not trained
-    if phase == "seed":
-        data, cfg = run.seed_mix(), r.seed_model.train
-    elif phase.startswith("expert:"):
-        data, cfg = phase.split(":", 1)[1], r.experts.train_config()
-    elif phase == "stitch":
-        data, cfg = run.stitch_mix(), r.stitch.train
-    else:
-        from bts.baselines.registry import REGISTRY
-
-        data, cfg = run.stitch_mix(), REGISTRY[phase.split(":", 1)[1]].budget(r)
-        if cfg is None:
-            return None
-    return {"data": data, "steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": r.data.seq_len, "lr": cfg.lr}
 
 
 # ---- the stages, in pipeline order --------------------------------------------------------------------------
@@ -441,7 +422,7 @@ def run_stages(run, only: list[str] | None = None) -> dict | None:
     if wanted - {"report"}:  # the report reads files only: it needs no member
         check_recipe_members(run.recipe, data=not run.done("data"))  # cheap checks before anything is written
     device = run.device  # a missing GPU is refused here, before anything is written
-    _check_lora_targets(run)
+    check_lora_targets(run)
     try:
         distributed.init(device=device)  # joins the torchrun process group (nccl on GPUs, gloo on the CPU)
         # Expert-only jobs run side by side on one run directory (`bts run --print-expert-commands`): each
@@ -466,23 +447,6 @@ def run_stages(run, only: list[str] | None = None) -> dict | None:
         raise run.dir.write_error(exc) from None
     results = run.path("results.json")
     return json.loads(results.read_text()) if results.exists() else None
-
-
-def _check_lora_targets(run) -> None:
-    """A given seed's LoRA targets, checked on its config (built on the meta device) before anything is written;
-    a scratch seed's were checked when the recipe loaded."""
-    r = run.recipe
-    if r.experts.lora.r and r.seed_model.path:
-        from transformers import AutoConfig
-
-        from bts.core.members import resolve_dir
-
-        where = resolve_dir(r.seed_model.path, "seed_model.path")
-        try:
-            config = AutoConfig.from_pretrained(where)
-        except (OSError, ValueError):
-            raise BTSError(f"seed_model.path '{r.seed_model.path}' has no readable model config.json.") from None
-        lora.check_targets(config, r.experts.lora.targets)
 
 
 def _read_cached(path) -> dict | None:
