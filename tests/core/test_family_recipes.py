@@ -209,7 +209,9 @@ def test_a_recipes_plan_shows_only_the_phases_it_runs():
 
     names = [ph.name for ph in recipe_plan(load_recipe("qwen2.5-1.5b-code-math"))["phases"]]
     assert names == ["stitch training", "inference (BTS)"]
-    demo = [ph.name for ph in recipe_plan(load_recipe("demo"))["phases"]]
-    assert demo[0] == "seed pretraining" and demo[1].startswith("expert training") and "stitch training" in demo
+    demo = [ph.name for ph in recipe_plan(load_recipe("demo"))["phases"]]  # its seed is given (bundled:demo)
+    assert demo[0].startswith("expert training") and "stitch training" in demo and "BAM training" in demo
+    smoke = [ph.name for ph in recipe_plan(load_recipe("smoke"))["phases"]]
+    assert smoke[0] == "seed pretraining"
     with_bam = [ph.name for ph in recipe_plan(load_recipe("demo", ["baselines.methods=[bam]"]))["phases"]]
     assert "BAM training" in with_bam and "BAM adapters training" not in with_bam

@@ -36,8 +36,16 @@ class Member:
     path: str | None  # where it was loaded from (None: given in memory)
 
 
+BUNDLED = "bundled:"  # seed_model.path: bundled:demo names src/bts/seeds/demo (bts.core.shipped)
+
+
 def resolve_dir(spec: str, role: str) -> Path:
-    """A local directory for `spec` (a path, or a hub id already in the local cache)."""
+    """A local directory for `spec` (a path, `bundled:NAME` for a seed shipped with bts, or a hub id already in the
+    local cache)."""
+    if spec.startswith(BUNDLED):
+        from bts.core.shipped import bundled_seed
+
+        return bundled_seed(spec[len(BUNDLED):], role)
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
