@@ -153,3 +153,16 @@ def test_bad_calibration_settings_are_one_sentence(batches, ridge, key):
     with pytest.raises(BTSError, match=f"stitch.{key} must be") as err:
         check_calibration(batches, ridge)
     assert str(err.value).count(". ") == 0 and str(err.value).endswith(").")
+
+
+def test_batched_execution_fits_the_same_projections():
+    hub, experts = _members()
+    batches = _batches()
+    fits = []
+    for members in ("loop", "batched"):
+        model = _model(hub, experts)
+        model.set_execution(members)
+        calibrate_projections(model, batches)
+        fits.append([s.proj.clone() for s in model.stitches])
+    for a, b in zip(*fits):
+        assert (a - b).abs().max() <= 1e-8 * a.abs().max()
