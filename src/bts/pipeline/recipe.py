@@ -21,8 +21,8 @@ import yaml
 
 from bts.baselines.base import positive
 from bts.baselines.registry import REGISTRY
-from bts.core.device import TRAIN_DTYPES, check_device_spec, check_members_dtype
 from bts.core.calibrate import check_calibration
+from bts.core.device import TRAIN_DTYPES, check_device_spec, check_members_dtype
 from bts.core.stitch import check_stitch_layout, check_stitch_options
 from bts.errors import BTSError
 from bts.train.config import TrainConfig

@@ -28,9 +28,9 @@ from pathlib import Path
 
 from bts.atomic import atomic_write_json
 from bts.baselines.base import positive
+from bts.core.calibrate import CALIBRATION_SALT, calibrate_from, check_calibration
 from bts.core.device import members_dtype as resolve_members_dtype, resolve_device, to_device
 from bts.core.members import resolve_dir
-from bts.core.calibrate import CALIBRATION_SALT, calibrate_from, check_calibration
 from bts.core.stitch import check_stitch_options
 from bts.errors import BTSError
 from bts.pipeline.given import check_layout, check_members
