@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bts.core.calibrate import CALIBRATION_SALT, calibrate_from  # noqa: E402
 from bts.data.streams import eval_windows  # noqa: E402
 from bts.eval.heldout import heldout_loss  # noqa: E402
 from bts.pipeline.run import Run  # noqa: E402
@@ -63,6 +64,9 @@ def main() -> int:
                                   ckpt_every=10**9, **({"lr": lr} if lr else {}))
         run.recipe = dataclasses.replace(recipe, stitch=dataclasses.replace(stitch, train=cfg))
         model = run.build_stitched()
+        if stitch.init == "lstsq":  # as the stitch stage: W_proj fitted on the stitch mix before training
+            calibrate_from(model, run.batcher(run.stitch_mix(), cfg, salt=CALIBRATION_SALT), stitch.init_batches,
+                           stitch.init_ridge)
         trainable = {k: p for k, p in model.stitches.named_parameters()}
         name = variant.replace(" ", ",")
         t0 = time.perf_counter()

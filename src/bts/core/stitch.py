@@ -25,6 +25,9 @@ The paper leaves initialisation open; `init` selects one of:
   "mixturekit" W_proj = I, W_gate = 0, no bias: E→H starts as a uniform average, H→E at g = 0.5 (MixtureKit's
                training script). Does not start as the hub.
   "default"    PyTorch's default nn.Linear initialisation (what the paper's text literally specifies: nothing).
+  "lstsq"      "blend", except W_proj is then fitted on data by least squares (bts.core.calibrate): E→H maps each
+               expert's stream onto the hub's, H→E the hub's onto each expert's. Built here as "blend" (W_proj = I);
+               the pipeline's stitch stage and `bts stitch` fit it before training.
 The choice between them was measured on the demo (docs/ablations.md).
 
 Adding an expert (bts.core.surgery) adds two things, both off on the plain path:
@@ -51,7 +54,8 @@ from torch import nn
 from bts.errors import BTSError
 
 E2H, H2E = "e2h", "h2e"
-INITS = ("blend", "bias", "mixturekit", "default")
+INITS = ("blend", "bias", "mixturekit", "default", "lstsq")
+BLENDED = ("blend", "lstsq")  # the inits with the zero-initialised blend gate
 EXPERT_STREAMS = ("projected", "raw")
 
 
@@ -68,7 +72,7 @@ class StitchLayer(nn.Module):
         self.gate = nn.Linear(d, (n + 1) * d, bias=init == "bias")  # W_gate: hub -> (n+1) per-channel logits
         self.dropout = nn.Dropout(gate_dropout)
         # The zero-initialised blend a: one per channel of the hub (E→H) or of each expert (H→E).
-        self.blend = nn.Parameter(torch.zeros(1 if kind == E2H else n, d)) if init == "blend" else None
+        self.blend = nn.Parameter(torch.zeros(1 if kind == E2H else n, d)) if init in BLENDED else None
         self.presence = None  # E→H only, [n+1, d]; see enable_presence
         self.reset_parameters()
 

@@ -21,6 +21,7 @@ import yaml
 
 from bts.baselines.base import positive
 from bts.baselines.registry import REGISTRY
+from bts.core.calibrate import check_calibration
 from bts.core.device import TRAIN_DTYPES, check_device_spec, check_members_dtype
 from bts.core.stitch import check_stitch_layout, check_stitch_options
 from bts.errors import BTSError
@@ -117,7 +118,9 @@ class StitchConfig:
     num_stitches: int = 4
     positions: list = field(default_factory=list)  # 1-indexed blocks; empty: evenly spaced
     all_e2h: bool = False
-    init: str = "blend"
+    init: str = "blend"  # blend | bias | mixturekit | default | lstsq (bts.core.stitch, docs/ablations.md)
+    init_batches: int = 4  # lstsq: W_proj fitted on this many batches of the stitch mix (bts.core.calibrate)
+    init_ridge: float = 0.0  # lstsq: ridge towards W_proj = I, relative to the streams' scale (0: least squares)
     beta: float = 8.0
     gate_dropout: float = 0.0
     expert_stream: str = "raw"
@@ -381,6 +384,7 @@ def _check_stitch(recipe: Recipe) -> None:
     s = recipe.stitch
     check_stitch_options(init=s.init, expert_stream=s.expert_stream, beta=s.beta, gate_dropout=s.gate_dropout,
                          prefix="stitch.", output=s.output)
+    check_calibration(s.init_batches, s.init_ridge)
     positive(s.num_stitches, "stitch.num_stitches")
     if any(not isinstance(p, int) or isinstance(p, bool) for p in s.positions):
         raise BTSError(f"stitch.positions must be block numbers (got {s.positions}).")

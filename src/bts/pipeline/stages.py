@@ -23,6 +23,7 @@ import torch
 
 from bts import faults
 from bts.atomic import atomic_write_json
+from bts.core.calibrate import CALIBRATION_SALT, calibrate_from
 from bts.data import corpora
 from bts.data.streams import eval_windows
 from bts.errors import BTSError
@@ -192,6 +193,9 @@ def stitch(run, info) -> None:
     model.set_execution(checkpoint_members=run.recipe.stitch.checkpoint_members)
     trainable = model.named_stitch_parameters()
     mix = run.stitch_mix()
+    if run.recipe.stitch.init == "lstsq":  # W_proj fitted before training (a resumed run's checkpoint then wins)
+        info["lstsq"] = calibrate_from(model, run.batcher(mix, cfg, salt=CALIBRATION_SALT),
+                                       run.recipe.stitch.init_batches, run.recipe.stitch.init_ridge)
     probe = run.mixed_heldout(max_tokens=2 * run.recipe.data.seq_len)
 
     def gate_stats():

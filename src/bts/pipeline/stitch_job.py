@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bts.atomic import atomic_write_json
 from bts.baselines.base import positive
+from bts.core.calibrate import CALIBRATION_SALT, calibrate_from, check_calibration
 from bts.core.device import members_dtype as resolve_members_dtype, resolve_device, to_device
 from bts.core.members import resolve_dir
 from bts.core.stitch import check_stitch_options
@@ -44,6 +45,7 @@ DATA_KEYS = {"seq_len": DataConfig, "text_field": DomainSpec, "group_field": Dom
              "max_tokens": DomainSpec}
 SHARD = "text.tokens"  # out/training/text.tokens: all the text, tokenized once (bts.data.shards)
 MIX_KEYS = ("general_weight", "domain_weights", "train")  # the pipeline's datamix: not options of one text mix
+CALIBRATION_KEYS = ("init_batches", "init_ridge")  # stitch.init=lstsq only
 OPTIONS = ("stitch.*, train.*, data.seq_len, data.text_field, data.group_field, data.max_chars, data.max_tokens "
            "or seed")
 
@@ -77,6 +79,7 @@ def parse_options(steps: int, overrides=()) -> JobOptions:
     stitch = _build(StitchConfig, raw.get("stitch") or {}, "stitch")
     check_stitch_options(init=stitch.init, expert_stream=stitch.expert_stream, beta=stitch.beta,
                          gate_dropout=stitch.gate_dropout, prefix="stitch.", output=stitch.output)
+    check_calibration(stitch.init_batches, stitch.init_ridge)
     positive(stitch.num_stitches, "stitch.num_stitches")
     if any(not isinstance(p, int) or isinstance(p, bool) for p in stitch.positions):
         raise BTSError(f"stitch.positions must be block numbers (got {stitch.positions}).")
@@ -183,6 +186,9 @@ def _train_and_save(model, tok, stream, opts: JobOptions, out: Path, dev, job: d
     cfg = opts.train
     batcher = Batcher({"text": stream}, {"text": 1.0}, opts.data["seq_len"], cfg.batch_size, cfg.grad_accum,
                       seed=opts.seed * 7919 + 7)
+    if opts.stitch.init == "lstsq":  # W_proj fitted before training (a resumed run's checkpoint then wins)
+        calibrate_from(model, dataclasses.replace(batcher, seed=opts.seed * 7919 + CALIBRATION_SALT),
+                       opts.stitch.init_batches, opts.stitch.init_ridge)
     trainable = model.named_stitch_parameters()
     n = sum(p.numel() for p in trainable.values())
     n_experts = len(model.config.expert_names)
@@ -253,7 +259,11 @@ NOT_RESULT = ("log_every", "ckpt_every", "report_to")
 
 
 def _result_options(options: dict) -> dict:
-    return {**options, "train": {k: v for k, v in options["train"].items() if k not in NOT_RESULT}}
+    stitch = options["stitch"]
+    if stitch.get("init") != "lstsq":  # the calibration keys change nothing then (and older runs lack them)
+        stitch = {k: v for k, v in stitch.items() if k not in CALIBRATION_KEYS}
+    return {**options, "stitch": stitch,
+            "train": {k: v for k, v in options["train"].items() if k not in NOT_RESULT}}
 
 
 def _canonical(spec: str) -> str:

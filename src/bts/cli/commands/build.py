@@ -18,7 +18,7 @@ def add_arguments(p):
     p.add_argument("--num-stitches", type=int, default=4, help="K stitch layers, evenly spaced (default 4)")
     p.add_argument("--positions", help="explicit 1-indexed blocks after which to stitch, e.g. 5,10,15,20")
     p.add_argument("--all-e2h", action="store_true", help="make every stitch experts→hub (the paper's ablation)")
-    p.add_argument("--init", choices=INITS, default="blend")
+    p.add_argument("--init", choices=[i for i in INITS if i != "lstsq"], default="blend")  # lstsq needs data
     p.add_argument("--beta", type=float, default=8.0, help="gate bias for --init bias")
     p.add_argument("--gate-dropout", type=float, default=0.0)
     p.add_argument("--expert-stream", choices=EXPERT_STREAMS, default="raw")
