@@ -212,7 +212,7 @@ def aggregate(study: Study, root: Path) -> dict:
     errors = {sub.name.split("/")[0]: sub.error for sub in study.subruns if sub.error}
     for vname, ov in study.variants.items():
         key = f"variant-{vname}"
-        entry = {"overrides": ov, "overrides_text": ", ".join(f"{k}={v}" for k, v in ov.items())}
+        entry = {"overrides": ov, "overrides_text": ", ".join(f"{k}={json.dumps(v)}" for k, v in ov.items())}
         out["variants"][vname] = {**entry, "error": errors[key]} if key in errors else {**entry, **bts_avg(key)}
     if study.curve:
         base_tokens = next((r["methods"]["bts"].get("train_tokens") for r in seeds if "bts" in r["methods"]), None)

@@ -81,7 +81,7 @@ def _vs(a: dict, ref: dict | None) -> str:
         return "–"
     if tie(a, ref):
         return "tie"
-    return "lower" if a["mean"] < ref["mean"] else "higher"
+    return "better (lower)" if a["mean"] < ref["mean"] else "worse (higher)"
 
 
 def methods_markdown(methods: dict) -> str:
