@@ -68,8 +68,9 @@ def test_seed_runs_share_bit_identical_members(study_run):
 
 
 def test_study_json_aggregates_seeds_variants_and_curve(study_run):
-    study, root, out = study_run
+    _, root, out = study_run
     saved = json.loads((root / "study.json").read_text())
+    assert saved == json.loads(json.dumps(out))  # what run_study returned is what it wrote
     assert saved["methods"]["bts"]["avg"]["n"] == 2 and saved["methods"]["soup"]["avg"]["n"] == 1
     vals = [json.loads((root / f"seed-{s}" / "results.json").read_text())["methods"]["bts"]["avg_heldout_loss"]
             for s in (0, 1)]
@@ -85,7 +86,7 @@ def test_study_json_aggregates_seeds_variants_and_curve(study_run):
 
 
 def test_rerun_skips_finished_subruns(study_run):
-    study, root, _ = study_run
+    _, root, _ = study_run
     before = _markers(root)
     assert len(before) > 30
     again = load_study(str(root.parent / "study.yaml"), TINY)

@@ -175,11 +175,11 @@ def write_study_report(study: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     paper = study["methods"].get("bts", {}).get("avg")
     seeds = ", ".join(map(str, study["seeds"]))
-    parts = [f"# Study: {study['name']} (base recipe: {study['base']}, seeds {seeds})",
-             "Held-out loss in nats/token, mean ± spread over seeds; spread = half the range (max − min) / 2. Two "
+    intro = ("Held-out loss in nats/token, mean ± spread over seeds; spread = half the range (max − min) / 2. Two "
              "numbers tie when |Δmean| ≤ the larger of their spreads. The merges and BTM do not depend on the seed "
              "(no training): their numbers are seed-0's run alone (1 run). The seed and the experts are the same "
-             "models in every run (trained once, in seed-0).",
+             "models in every run (trained once, in seed-0).")
+    parts = [f"# Study: {study['name']} (base recipe: {study['base']}, seeds {seeds})", intro,
              "## Methods (ranked by mean)", methods_markdown(study["methods"])]
     if plot_methods(study["methods"], out_dir / "methods.png"):
         parts.append("![methods](methods.png)")
