@@ -444,6 +444,16 @@ def builtin_recipes() -> list[str]:
 
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     """A recipe by built-in name (demo, smoke, …) or YAML path, with dotted overrides applied, checked."""
+    raw = read_recipe(name_or_path)
+    for item in overrides:  # (a non-mapping file is refused by _build)
+        _apply_override(raw, item)
+    recipe = _build(Recipe, raw, "")
+    _check(recipe)
+    return recipe
+
+
+def read_recipe(name_or_path: str) -> dict:
+    """A recipe file's YAML as a dict, unchecked (a study, bts.pipeline.study, is told apart by its keys)."""
     path = Path(name_or_path)
     if name_or_path in builtin_recipes() and not path.is_file():  # names may hold dots (qwen2.5-…)
         text = resources.files("bts.recipes").joinpath(f"{name_or_path}.yaml").read_text()
@@ -458,11 +468,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise BTSError(f"recipe '{name_or_path}' is not valid YAML ({str(exc).splitlines()[0]}).") from None
-    for item in overrides:
-        _apply_override(raw, item)
-    recipe = _build(Recipe, raw, "")
-    _check(recipe)
-    return recipe
+    return raw
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

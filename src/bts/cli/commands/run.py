@@ -1,6 +1,9 @@
 """`bts run RECIPE [key=value ...]`: run the pipeline of a recipe (a YAML file or a built-in name)."""
 
+from pathlib import Path
+
 from bts.cli.devices import add_device_arguments, recipe_overrides
+from bts.errors import BTSError
 from bts.pipeline.run import STAGES, Run
 from bts.pipeline.recipe import builtin_recipes, load_recipe
 
@@ -25,6 +28,10 @@ def add_run_arguments(p):
 
 def run(args, recipe_name=None):
     overrides = [*(args.overrides or []), *recipe_overrides(args)]
+    from bts.pipeline.study import is_study
+
+    if is_study(recipe_name or args.recipe):  # a study over a base recipe (recipes/paper.yaml, docs/paper.md)
+        return _study(args, recipe_name or args.recipe, overrides)
     recipe = load_recipe(recipe_name or args.recipe, overrides)
     if getattr(args, "print_expert_commands", False):
         from bts.train.distributed import expert_commands
@@ -41,4 +48,17 @@ def run(args, recipe_name=None):
 
         print(markdown_table(*results_table(results)))
         print(f"\nreport: {runner.root / 'report' / 'report.md'}")
+    return 0
+
+
+def _study(args, name, overrides):
+    from bts.pipeline.study import load_study, run_study
+
+    if args.stages or getattr(args, "print_expert_commands", False):
+        raise BTSError(f"'{name}' is a study: --stages and --print-expert-commands apply to one recipe's run, "
+                       "not to a study's sub-runs.")
+    study = load_study(name, overrides)
+    root = Path(args.run_dir or Path("runs") / study.name)
+    run_study(study, root)
+    print(f"study: {root / 'study.json'}\nreport: {root / 'report' / 'report.md'}")
     return 0
