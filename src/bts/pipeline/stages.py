@@ -103,9 +103,9 @@ def seed(run, info) -> None:
     out = run.model_dir("seed")
     rs = run.recipe.seed_model
     if rs.path:  # a given pretrained seed: referenced by folder and weights hash, never copied
-        from bts.pipeline.given import reference
+        from bts.pipeline.given import seed_reference
 
-        info.update(reference(rs.path, "seed_model.path"))
+        info.update(seed_reference(rs.path))  # with its card (seed.json), when it has one
         return
     tok = run.tokenizer()
     info["budget"] = budget(run, "seed")
@@ -281,7 +281,7 @@ def write_gates(run) -> None:
     """eval/gates.json: the stitched model's mean mixing weights per domain and E→H stitch (on up to 8 held-out
     windows per domain), and per token on a text that switches domain (the report's table and heatmap)."""
     out = run.path("eval", "gates.json")
-    if out.exists():
+    if out.exists() and not mixed_docs.gates_stale(run, out):
         return
     from bts.eval.gates import gate_table, heatmap
 
@@ -293,6 +293,7 @@ def write_gates(run) -> None:
     doc = mixed_docs.heatmap_document(run)  # one natural mixed document: license / comment / docstring / code
     if doc is not None:
         gates["mixed_docs_heatmap"] = {**heatmap(model, doc[0], doc[1]), "document": doc[2]}
+    gates["mixed_docs_gates"] = mixed_docs.set_gates(run, model)  # per set, its mean gates (the report's table)
     atomic_write_json(out, gates)
 
 
