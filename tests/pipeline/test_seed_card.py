@@ -4,11 +4,12 @@ so the report reads the run directory alone; a damaged card is refused before an
 import json
 
 import pytest
+from helpers import tiny_model, tiny_tokenizer
 
 from bts import BTSError
+from bts.pipeline.given import fill_card
 from bts.pipeline.recipe import load_recipe
 from bts.pipeline.run import Run
-from helpers import tiny_model, tiny_tokenizer
 
 CARD = {"tokens": 123_456, "steps": 30, "batch_size": 16, "seq_len": 32, "lr": 3e-3, "min_lr_ratio": 0.1,
         "recipe": "seed", "curve": [{"step": 10, "tokens": 5120, "val_avg": 6.25, "val_loss": {"code": 6.25}}]}
@@ -37,10 +38,16 @@ def test_the_card_of_a_given_seed_is_copied_into_its_marker(seed_dir, tmp_path):
     assert "budget" not in marker  # not trained in the run
 
 
-def test_a_given_seed_without_a_card_has_none(seed_dir, tmp_path):
+def test_a_given_seed_without_a_card_has_none_until_the_report_stage_finds_one(seed_dir, tmp_path):
     run = Run(_recipe(seed_dir), tmp_path / "run")
     run.all(only=["data", "tokenizer", "seed"])
-    assert "card" not in run.done("seed") and run.done("seed")["trained"] is False
+    before = run.done("seed")
+    assert "card" not in before and before["trained"] is False
+    fill_card(run)
+    assert run.done("seed") == before  # no card: the marker is left as it is
+    (seed_dir / "seed.json").write_text(json.dumps(CARD))  # as a marker written before cards were copied
+    fill_card(run)
+    assert run.done("seed") == {**before, "card": CARD}
 
 
 @pytest.mark.parametrize("text", ["{not json", json.dumps({**CARD, "tokens": "many"}), json.dumps([1, 2])])

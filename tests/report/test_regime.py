@@ -89,7 +89,7 @@ def test_a_seed_trained_in_the_run_uses_its_marker_and_the_recipes_final_lr(tmp_
         {"step": 1, "loss": 7.0}, {"step": 2, "loss": 6.0, "tokens": 20, "val_avg": 6.5, "val_loss": {"a": 6.5}})))
     results = json.loads((root / "results.json").read_text())
     stages = {p.stem: json.loads(p.read_text()) for p in (root / "stages").glob("*.json")}
-    header, rows = budget_regime(results, stages, yaml.safe_load((root / "recipe.yaml").read_text()))
+    _, rows = budget_regime(results, stages, yaml.safe_load((root / "recipe.yaml").read_text()))
     rows = {r[0]: r[1:] for r in rows}
     assert rows["seed"][:5] == ["2.00M", "200 × 80 × 125", "0.001 → 0.0001 (cosine)", "1×", "200×"]
     assert rows["expert:a"][2:4] == ["5e-05 (0.5×)", "0.5 %"]

@@ -208,6 +208,7 @@ def regime_sections(root: Path, results: dict, stages: dict, recipe: dict, gates
                          markdown_table(*spec) + "\n\n" + SPECIALISATION_NOTE))
     gate_rows = mixed_gates(gates)
     if gate_rows:
-        sections.append(("Who feeds the hub on the natural mixed-document sets (mean weight per member over "
-                         "the set's scored tokens)", markdown_table(*gate_rows)))
+        title = ("Who feeds the hub on the natural mixed-document sets (mean weight per member over the set's "
+                 "scored tokens)")
+        sections.append((title, markdown_table(*gate_rows)))
     return sections, {"seed_curve": plot_seed_curve(seed_curve(root, stages), out / "seed_curve.png")}
