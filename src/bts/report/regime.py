@@ -90,7 +90,7 @@ def regime_note(stages: dict, recipe: dict) -> str:
     seed = seed_phase(stages, recipe)
     if seed is None:
         return ""
-    final = (f"cosine to {seed['min_lr_ratio']:g} of its peak ({seed['lr'] * seed['min_lr_ratio']:g})"
+    final = (f"cosine to {100 * seed['min_lr_ratio']:g} % of its peak ({seed['lr'] * seed['min_lr_ratio']:g})"
              if seed.get("min_lr_ratio") is not None else "its final lr unknown")
     where = ("was given (seed_model.path), not trained in this run: its figures are its card's (seed.json)"
              if seed["given"] else "was trained in this run")
