@@ -119,6 +119,29 @@ def test_mixed_document_sets_are_scored_for_every_method_and_disjoint_from_train
     assert run.path("report/gates_mixed_docs.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_lists_bam_and_bam_adapters_in_every_table_and_the_paper_regime(smoke_run):
+    """The smoke preset trains BAM and BAM with adapters: each table of the report has a row for them; the
+    paper-regime sections (bts.report.regime) are there, the mean gates per mixed set summing to 1."""
+    from bts.data.mixed import MIXED_SETS
+
+    run, _ = smoke_run
+    assert {"bam", "bam_adapters"} <= set(run.recipe.baselines.methods)
+    md = run.path("report/report.md").read_text()
+    sections = {s.split("\n", 1)[0]: s for s in md.split("\n## ")[1:]}
+    for title in ("Held-out loss", "Parameters and training cost", "Downstream tasks", "Training budget",
+                  "Budgets against the paper's"):
+        body = next(s for t, s in sections.items() if t.startswith(title))
+        names = {line.split("|")[1].strip() for line in body.splitlines() if line.startswith("| ")}
+        assert {"bam", "bam_adapters"} <= names, title
+    gates = json.loads(run.path("eval/gates.json").read_text())["mixed_docs_gates"]
+    assert list(gates) == list(MIXED_SETS)
+    for layers in gates.values():
+        assert sum(list(layers.values())[-1].values()) == pytest.approx(1.0, abs=1e-5)
+    assert any(t.startswith("Who feeds the hub on the natural mixed-document sets") for t in sections)
+    assert any(t.startswith("Specialisation and forgetting") for t in sections)
+    assert run.path("report/seed_curve.png").exists() == bool(run.recipe.seed_model.val_tokens)
+
+
 def test_rerun_skips_finished_stages(smoke_run):
     run, results = smoke_run
     again = Run(load_recipe("smoke"), run.root).all()

@@ -9,6 +9,7 @@ tokenizer files, no weights read), so a wrong path, a foreign tokenizer or an in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,6 +58,7 @@ def check_recipe_members(recipe, data: bool = True) -> None:
     check_members(("seed_model.path", seed),
                   {d: (f"experts.paths.{d}", spec) for d, spec in recipe.experts.paths.items()})
     check_layout(recipe.stitch, seed, "seed_model.path")
+    seed_card(seed)  # a damaged card is refused now, not after the earlier stages ran
 
 
 def check_layout(stitch, hub: str, where: str) -> None:
@@ -69,6 +71,50 @@ def reference(spec: str, where: str) -> dict:
     """What a stage marker records of a given member: its resolved folder and weights hash."""
     model_dir = resolve_dir(spec, where).resolve()
     return {"trained": False, "given": spec, "path": str(model_dir), "sha256": weights_sha256(model_dir)}
+
+
+CARD = "seed.json"  # a given seed's card, next to its weights: how it was trained (benchmarks/bundle_seed.py)
+CARD_INTS = ("tokens", "steps", "batch_size", "seq_len")
+
+
+def seed_card(spec: str) -> dict | None:
+    """The card of a given seed (seed.json in its folder: tokens, steps, batch_size, seq_len, lr, min_lr_ratio,
+    recipe, curve), checked; None when the folder has none (a seed from elsewhere)."""
+    path = resolve_dir(spec, "seed_model.path") / CARD
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise BTSError(f"seed_model.path '{spec}': {CARD} is not readable JSON.") from None
+    bad = [k for k in CARD_INTS if not isinstance(card.get(k) if isinstance(card, dict) else None, int)]
+    if bad or not isinstance(card.get("lr"), (int, float)) or not isinstance(card.get("curve", []), list):
+        raise BTSError(f"seed_model.path '{spec}': {CARD} needs integer {', '.join(CARD_INTS)}, a number lr and a "
+                       f"list curve (got {sorted(card) if isinstance(card, dict) else type(card).__name__}).")
+    return card
+
+
+def seed_reference(spec: str) -> dict:
+    """What the seed stage's marker records of a given seed: its reference and its card (copied, so the report
+    reads the run directory alone)."""
+    card = seed_card(spec)
+    return {**reference(spec, "seed_model.path"), **({"card": card} if card is not None else {})}
+
+
+def fill_card(run) -> None:
+    """A given seed's marker written before cards were copied gets its card now (the report reads markers only);
+    a seed folder that moved or a damaged card leaves it as it is."""
+    info, spec = run.done("seed"), run.recipe.seed_model.path
+    if not spec or info is None or "card" in info:
+        return
+    try:
+        card = seed_card(spec)
+    except BTSError:
+        return
+    if card is not None:
+        from bts.atomic import atomic_write_json
+
+        atomic_write_json(run.path("stages", "seed.json"), {**info, "card": card})
 
 
 def check_lora_targets(run) -> None:

@@ -160,3 +160,19 @@ def heatmap_document(run, name: str = "code_doc") -> tuple[torch.Tensor, list[tu
 
 def _kind_at(starts: list[int], segs: list[tuple[int, str]], char: int) -> str:
     return segs[max(0, bisect.bisect_right(starts, char) - 1)][1]
+
+
+GATE_WINDOWS = 4  # windows per set for its mean gates: a few forward passes of the stitched model
+
+
+def set_gates(run, model) -> dict:
+    """eval/gates.json `mixed_docs_gates`: per natural mixed-document set, the mean mixing weight per member at
+    each E→H stitch over the tokens of its first GATE_WINDOWS scored windows (bts.eval.gates.gate_table)."""
+    from bts.eval.gates import gate_table
+
+    return gate_table(model, {name: w[:GATE_WINDOWS] for name, w in mixed_windows(run).items()})
+
+
+def gates_stale(run, path) -> bool:
+    """Whether an existing eval/gates.json lacks the mixed-document sets' gates the recipe now scores."""
+    return mixed_source(run.recipe) != "off" and "mixed_docs_gates" not in json.loads(path.read_text())

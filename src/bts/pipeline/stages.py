@@ -30,7 +30,7 @@ from bts.errors import BTSError
 from bts.eval.heldout import heldout_loss
 from bts.pipeline import mixed as mixed_docs
 from bts.pipeline.budgets import budget
-from bts.pipeline.given import check_lora_targets
+from bts.pipeline.given import check_lora_targets, fill_card
 from bts.pipeline.loaders import count_params, load_bts, load_hf, quiet_libraries
 from bts.pipeline.rundir import WRITE_ERRNOS, log, marker_name
 from bts.train import distributed, lora
@@ -104,9 +104,9 @@ def seed(run, info) -> None:
     out = run.model_dir("seed")
     rs = run.recipe.seed_model
     if rs.path:  # a given pretrained seed: referenced by folder and weights hash, never copied
-        from bts.pipeline.given import reference
+        from bts.pipeline.given import seed_reference
 
-        info.update(reference(rs.path, "seed_model.path"))
+        info.update(seed_reference(rs.path))  # with its card (seed.json), when it has one
         return
     tok = run.tokenizer()
     info["budget"] = budget(run, "seed")
@@ -285,7 +285,7 @@ def write_gates(run) -> None:
     """eval/gates.json: the stitched model's mean mixing weights per domain and E→H stitch (on up to 8 held-out
     windows per domain), and per token on a text that switches domain (the report's table and heatmap)."""
     out = run.path("eval", "gates.json")
-    if out.exists():
+    if out.exists() and not mixed_docs.gates_stale(run, out):
         return
     from bts.eval.gates import gate_table, heatmap
 
@@ -297,6 +297,7 @@ def write_gates(run) -> None:
     doc = mixed_docs.heatmap_document(run)  # one natural mixed document: license / comment / docstring / code
     if doc is not None:
         gates["mixed_docs_heatmap"] = {**heatmap(model, doc[0], doc[1]), "document": doc[2]}
+    gates["mixed_docs_gates"] = mixed_docs.set_gates(run, model)  # per set, its mean gates (the report's table)
     atomic_write_json(out, gates)
 
 
@@ -369,6 +370,7 @@ def report(run) -> None:
                 trained = budget(run, phase)
                 if trained is not None:
                     atomic_write_json(run.path("stages", f"{marker_name(phase)}.json"), {**info, "budget": trained})
+        fill_card(run)  # a given seed's card (bts.pipeline.given), for a marker written before cards were copied
         write_report(run.root, stage_order=marker_order(run))
 
 

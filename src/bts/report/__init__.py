@@ -8,6 +8,7 @@ YAML), data/*/provenance.json and train/*/metrics.jsonl, so a report can be rege
     plots.py       training curves, held-out bars, the gate heatmap, modularity
     html.py        the HTML page
     modularity.py  the Modularity sections and the sentence under the gate table
+    regime.py      budgets against the paper's, specialisation and forgetting, gates on the mixed-document sets
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bts.report.html import to_html
 from bts.report.modularity import gate_sentence, modularity_sections
 from bts.report.plots import (PLOTS, plot_gate_heatmap, plot_heldout_bars, plot_modularity,
                               plot_training_curves)
+from bts.report.regime import regime_sections
 from bts.report.tables import (GATES_TITLE, _fmt_int, budget_rows, gate_markdown, html_table, markdown_table,
                                mixed_docs_note, params_table, results_table)
 
@@ -48,6 +50,7 @@ def write_report(run_dir, stage_order=None) -> Path:
     modularity = json.loads(modularity_file.read_text()) if enabled and modularity_file.exists() else None
     gates = modularity["gates"] if modularity else None
     gates_file = root / "eval" / "gates.json"  # written by the evaluate stage
+    measured = None
     if "bts" in results["methods"] and gates_file.exists():
         measured = json.loads(gates_file.read_text())
         plots["gates"] = plot_gate_heatmap(measured["heatmap"], out / "gates.png")
@@ -69,6 +72,9 @@ def write_report(run_dir, stage_order=None) -> Path:
         extra = modularity_sections(modularity, gates_section=extra)
         plots["modularity"] = plot_modularity(modularity, out / "modularity.png")
     sections[2:2] = extra
+    regime, regime_plots = regime_sections(root, results, stages, recipe, measured, out)  # bts.report.regime
+    sections[-1:-1] = regime  # before the stages table
+    plots.update(regime_plots)
     md = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections)
     md = f"# bts report — {results.get('recipe', '')}\n\n{md}\n"
     for key, label in PLOTS:

@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 
 PLOTS = (("curves", "Training loss"), ("bars", "Held-out loss"), ("gates", "Gates"),
          ("gates_docs", "Gates on a natural mixed document"),
-         ("modularity", "Modularity: removing an expert, and sparse inference"))
+         ("modularity", "Modularity: removing an expert, and sparse inference"),
+         ("seed_curve", "The seed's validation curve"))
 
 
 def plot_training_curves(root: Path, out: Path) -> Path | None:
