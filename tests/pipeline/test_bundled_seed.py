@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 
 from bts.cli.child import run_cli
 from bts.core.members import resolve_dir
-from bts.core.shipped import bundled_names, bundled_seed, seed_card
+from bts.core.bundled import bundled_names, bundled_seed
 from bts.errors import BTSError
+from bts.pipeline.given import seed_card
 from bts.pipeline.recipe import load_recipe
 
 FOLDER = bundled_seed("demo")
-CARD = seed_card(FOLDER)
+CARD = seed_card("bundled:demo")
 
 
 def test_the_shipped_files_are_the_ones_the_card_hashed():

@@ -20,6 +20,7 @@ from torch import nn
 
 from bts.core import hf
 from bts.core.device import load_kwargs
+from bts.core.bundled import BUNDLED, bundled_seed
 from bts.errors import BTSError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -36,15 +37,10 @@ class Member:
     path: str | None  # where it was loaded from (None: given in memory)
 
 
-BUNDLED = "bundled:"  # seed_model.path: bundled:demo names src/bts/seeds/demo (bts.core.shipped)
-
-
 def resolve_dir(spec: str, role: str) -> Path:
     """A local directory for `spec` (a path, `bundled:NAME` for a seed shipped with bts, or a hub id already in the
     local cache)."""
-    if spec.startswith(BUNDLED):
-        from bts.core.shipped import bundled_seed
-
+    if spec.startswith(BUNDLED):  # a seed shipped with bts (bts.core.bundled)
         return bundled_seed(spec[len(BUNDLED):], role)
     path = Path(spec).expanduser()
     if path.is_dir():

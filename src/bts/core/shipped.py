@@ -15,9 +15,7 @@ from pathlib import Path
 from bts.errors import BTSError
 
 SHIPPED_CONFIGS = Path(__file__).parent.parent / "configs"
-# Pretrained seeds shipped with their weights (src/bts/seeds/<name>: an HF folder plus seed.json, the card with the
-# recipe that trained it, its budget, validation curve and every file's sha256), named as `bundled:<name>`.
-BUNDLED_SEEDS = Path(__file__).parent.parent / "seeds"
+
 
 # Hub id of the published checkpoint -> its shipped shape.
 HUB_IDS = {
@@ -59,25 +57,3 @@ def member_config(spec: str, role: str):
         if folder is None:
             raise
     return AutoConfig.from_pretrained(folder), f"shipped config {folder.name} (weights not cached)"
-
-
-def bundled_names() -> list[str]:
-    return sorted(p.name for p in BUNDLED_SEEDS.iterdir() if (p / "seed.json").is_file()) \
-        if BUNDLED_SEEDS.is_dir() else []
-
-
-def bundled_seed(name: str, role: str = "seed_model.path") -> Path:
-    """The folder of the seed shipped as `bundled:<name>` (weights, tokenizer, seed.json)."""
-    folder = BUNDLED_SEEDS / name
-    if "/" in name or not (folder / "seed.json").is_file():
-        known = ", ".join(f"bundled:{n}" for n in bundled_names()) or "none"
-        raise BTSError(f"{role} 'bundled:{name}' names no seed shipped with bts (shipped: {known}).")
-    return folder
-
-
-def seed_card(folder) -> dict | None:
-    """A bundled seed's card (seed.json), or None for a folder that has none."""
-    import json
-
-    card = Path(folder) / "seed.json"
-    return json.loads(card.read_text()) if card.is_file() else None
