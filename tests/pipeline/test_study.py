@@ -144,6 +144,7 @@ def test_bundled_paper_study_plans_every_seed_and_variant():
     names = [s.name for s in study.subruns]
     assert names[:3] == ["seed-0", "seed-1", "seed-2"]
     assert {n.split("/")[0] for n in names if n.startswith("variant-")} == {
-        f"variant-{v}" for v in ("mix_hidden", "mix_logprobs", "lstsq_init", "two_stitches", "all_e2h")}
+        f"variant-{v}" for v in ("mix_hidden", "mix_logprobs", "lstsq_init", "two_stitches", "all_e2h",
+                                 "lr_seed_final")}
     steps = study.base_recipe.stitch.train.steps
     assert study.steps_points == [round(0.5 * steps), 2 * steps, 4 * steps]
