@@ -143,3 +143,13 @@ def assert_generation_cache_free(model) -> None:
         uncached = model.generate(ids, use_cache=False, **kwargs)
     assert cached.shape == (2, 15)
     assert torch.equal(cached, uncached)
+
+
+def save_tiny_members(root, n: int = 2, names=("hub", "code", "math")):
+    """A tiny hub and n experts saved as model folders (with the tiny tokenizer) under root/<name>."""
+    tok = tiny_tokenizer()
+    hub, experts = tiny_members(n=n, vocab_size=len(tok))
+    for name, model in zip(names, (hub, *experts)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import bts.data
 from bts.cli.child import run_cli
 from bts.errors import BTSError
-from helpers import random_ids, tiny_members, tiny_model, tiny_tokenizer
+from helpers import random_ids, save_tiny_members, tiny_model, tiny_tokenizer
 
 FIXTURES = Path(bts.data.__file__).parent / "fixtures"
 DATA = [str(FIXTURES / "code" / "documents.jsonl"), str(FIXTURES / "math" / "*.jsonl")]
@@ -24,13 +24,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
-    root = tmp_path_factory.mktemp("members")
-    tok = tiny_tokenizer()
-    hub, experts = tiny_members(n=2, vocab_size=len(tok))
-    for name, model in (("hub", hub), ("code", experts[0]), ("math", experts[1])):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
+    return save_tiny_members(tmp_path_factory.mktemp("members"))
 
 
 def argv(members, out, *extra, steps=STEPS):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, tiny_members, tiny_tokenizer
+from helpers import TINY, save_tiny_members
 from safetensors.torch import load_file
 
 import bts.data
@@ -67,13 +67,7 @@ SETTINGS = ["stitch.num_stitches=2", "stitch.init=lstsq", "stitch.init_batches=2
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
-    root = tmp_path_factory.mktemp("members")
-    tok = tiny_tokenizer()
-    hub, experts = tiny_members(n=2, vocab_size=len(tok))
-    for name, model in (("hub", hub), ("code", experts[0]), ("math", experts[1])):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
+    return save_tiny_members(tmp_path_factory.mktemp("members"))
 
 
 def stitch_argv(members, out, *extra):
