@@ -98,3 +98,15 @@ def test_the_seed_recipe_is_deterministic(tmp_path):
         curve = [json.loads(x) for x in (run / "train" / "seed" / "metrics.jsonl").read_text().splitlines()]
         assert all(set(c["val_loss"]) == {"code", "prose", "math", "legal"} for c in curve)
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("override, value", [("data.split_seed=1", "1"), ("data.split_fractions=[0.7,0.2,0.1]", "")])
+def test_another_split_of_the_seeds_corpora_is_refused_writing_nothing(tmp_path, override, value):
+    """The demo's held-out groups are the seed's only under the seed's own split: another split seed or other
+    fractions over the same built-in corpora would score text the seed trained on."""
+    run = tmp_path / "run"
+    code = run_cli(["run", "demo", override, "--run-dir", str(run)], tmp_path / "log")
+    text = (tmp_path / "log").read_text()
+    assert code == 2 and "seed_model.path 'bundled:demo' was trained with" in text, text[-1500:]
+    assert "or the held-out text may be text the seed trained on." in text
+    assert not run.exists()

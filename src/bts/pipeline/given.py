@@ -58,7 +58,25 @@ def check_recipe_members(recipe, data: bool = True) -> None:
     check_members(("seed_model.path", seed),
                   {d: (f"experts.paths.{d}", spec) for d, spec in recipe.experts.paths.items()})
     check_layout(recipe.stitch, seed, "seed_model.path")
-    seed_card(seed)  # a damaged card is refused now, not after the earlier stages ran
+    check_split(recipe, seed_card(seed))  # a damaged card is refused now, not after the earlier stages ran
+
+
+def check_split(recipe, card: dict | None) -> None:
+    """A seed whose card names the built-in corpora it trained on must be scored on its own held-out groups: the
+    same corpora split with the same fractions and split seed (bts.data.documents.split_mask), or the held-out
+    text of the run may be text the seed trained on."""
+    seen = ((card or {}).get("data") or {})
+    corpora = set(seen.get("domains") or ())
+    builtin = [d for d, spec in recipe.data.domains.items() if spec.source == "builtin" and d in corpora]
+    if not builtin:
+        return
+    mine = {"data.split_seed": recipe.data.split_seed, "data.split_fractions": list(recipe.data.split_fractions)}
+    theirs = {"data.split_seed": seen.get("split_seed", 0), "data.split_fractions": seen.get("split_fractions")}
+    for key, value in mine.items():
+        if theirs[key] is not None and value != theirs[key]:
+            raise BTSError(f"{key}={value} differs from the {theirs[key]} that seed_model.path "
+                           f"'{recipe.seed_model.path}' was trained with on the built-in '{builtin[0]}' corpus; "
+                           f"keep {key}={theirs[key]}, or the held-out text may be text the seed trained on.")
 
 
 def check_layout(stitch, hub: str, where: str) -> None:
