@@ -7,7 +7,6 @@ import pytest
 from helpers import tiny_model, tiny_tokenizer
 
 from bts import BTSError
-from bts.pipeline.given import fill_card
 from bts.pipeline.recipe import load_recipe
 from bts.pipeline.run import Run
 
@@ -38,16 +37,11 @@ def test_the_card_of_a_given_seed_is_copied_into_its_marker(seed_dir, tmp_path):
     assert "budget" not in marker  # not trained in the run
 
 
-def test_a_given_seed_without_a_card_has_none_until_the_report_stage_finds_one(seed_dir, tmp_path):
+def test_a_given_seed_without_a_card_has_none(seed_dir, tmp_path):
     run = Run(_recipe(seed_dir), tmp_path / "run")
     run.all(only=["data", "tokenizer", "seed"])
-    before = run.done("seed")
-    assert "card" not in before and before["trained"] is False
-    fill_card(run)
-    assert run.done("seed") == before  # no card: the marker is left as it is
-    (seed_dir / "seed.json").write_text(json.dumps(CARD))  # as a marker written before cards were copied
-    fill_card(run)
-    assert run.done("seed") == {**before, "card": CARD}
+    marker = run.done("seed")
+    assert "card" not in marker and marker["trained"] is False
 
 
 @pytest.mark.parametrize("text", ["{not json", json.dumps({**CARD, "tokens": "many"}), json.dumps([1, 2])])

@@ -119,30 +119,12 @@ def seed_reference(spec: str) -> dict:
     return {**reference(spec, "seed_model.path"), **({"card": card} if card is not None else {})}
 
 
-def fill_card(run) -> None:
-    """A given seed's marker written before cards were copied gets its card now (the report reads markers only);
-    a seed folder that moved or a damaged card leaves it as it is."""
-    info, spec = run.done("seed"), run.recipe.seed_model.path
-    if not spec or info is None or "card" in info:
-        return
-    try:
-        card = seed_card(spec)
-    except BTSError:
-        return
-    if card is not None:
-        from bts.atomic import atomic_write_json
-
-        atomic_write_json(run.path("stages", "seed.json"), {**info, "card": card})
-
-
 def check_lora_targets(run) -> None:
     """A given seed's LoRA targets, checked on its config (built on the meta device) before anything is written;
     a scratch seed's were checked when the recipe loaded."""
     r = run.recipe
     if r.experts.lora.r and r.seed_model.path:
         from transformers import AutoConfig
-
-        from bts.core.members import resolve_dir
 
         where = resolve_dir(r.seed_model.path, "seed_model.path")
         try:

@@ -30,7 +30,7 @@ from bts.errors import BTSError
 from bts.eval.heldout import heldout_loss
 from bts.pipeline import mixed as mixed_docs
 from bts.pipeline.budgets import budget
-from bts.pipeline.given import check_lora_targets, fill_card
+from bts.pipeline.given import check_lora_targets
 from bts.pipeline.loaders import count_params, load_bts, load_hf, quiet_libraries
 from bts.pipeline.rundir import WRITE_ERRNOS, log, marker_name
 from bts.train import distributed, lora
@@ -370,7 +370,6 @@ def report(run) -> None:
                 trained = budget(run, phase)
                 if trained is not None:
                     atomic_write_json(run.path("stages", f"{marker_name(phase)}.json"), {**info, "budget": trained})
-        fill_card(run)  # a given seed's card (bts.pipeline.given), for a marker written before cards were copied
         write_report(run.root, stage_order=marker_order(run))
 
 
